@@ -1,0 +1,42 @@
+# Two commands do all the set-up on a fresh machine:
+#   make train   # create .venv if missing, install pinned deps, lay out the offline models, run the quickstart
+#   make test    # same set-up, then the test suite (no network)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.gist-installed
+ARGS ?=
+PYTEST_ARGS ?=
+
+# The embedded default and the tests run offline; `make train HF_HUB_OFFLINE=0 ARGS=...` uses the hub.
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= $(HF_HUB_OFFLINE)
+export TOKENIZERS_PARALLELISM ?= false
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup train test test-slow test-all clean
+
+# torch is pinned in the SAME pip command as everything else: unpinned, pip pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q torch==2.13.0 -c requirements.lock -e ".[dev,offline-models]"
+	@touch $(STAMP)
+
+setup: $(STAMP)
+	@$(PY) -m gist.offline_models --check >/dev/null 2>&1 || $(PY) -m gist.offline_models
+
+train: setup
+	$(PY) scripts/train.py $(ARGS)
+
+test: setup
+	WANDB_MODE=offline $(PY) -m pytest $(PYTEST_ARGS)
+
+test-slow: setup
+	WANDB_MODE=offline $(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+test-all: setup
+	WANDB_MODE=offline $(PY) -m pytest -m "slow or not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf .cache .pytest_cache logs outputs multirun wandb

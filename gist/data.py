@@ -1,0 +1,294 @@
+"""Training rows in the GIST/MEDI schema: reading, validation, same-task batching and collation.
+
+Schema (avsolatorio/medi-data-mteb_avs_triplets): query, pos, neg, task_name, query_instruct,
+pos_instruct, neg_instruct, symmetric. `neg` may be empty/absent for pair tasks (then the batch has
+no hard negatives; a task must be consistent). Sources: local `.jsonl`/`.json` (one object per line)
+or `.parquet` files, or a hub dataset id + revision streamed with `datasets`.
+
+Same-task batches (GIST_SPEC §2): rows go into a buffer per task_name in stream order; a full buffer
+becomes a batch (so every batch holds ONE task, whether the task's rows are contiguous or scattered);
+batches pass through a seeded shuffle pool of `shuffle_buffer` batches. Leftovers (< batch_size rows
+of a task at the end of an epoch) are dropped, as GIST drops chunks that span two tasks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+TEXT_FIELDS = ("query", "pos", "neg")
+INSTRUCT = {"query": "query_instruct", "pos": "pos_instruct", "neg": "neg_instruct"}
+BLOCKS = {"query": "anchor", "pos": "positive", "neg": "negative"}
+
+
+class DataError(ValueError):
+    """A bad training row or source; the message names the source, row and problem."""
+
+
+@dataclass(frozen=True)
+class HubDataset:
+    """A hub dataset streamed with `datasets` (revision pinned for reproducibility)."""
+
+    path: str
+    revision: str | None = None
+    split: str = "train"
+    name: str | None = None
+
+    def __str__(self) -> str:
+        return f"hub dataset {self.path}@{self.revision or 'main'} ({self.split})"
+
+
+Source = Path | HubDataset
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, object]]:
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}: row {lineno}: invalid UTF-8 ({err.reason} at byte {err.start})") from None
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: row {lineno}: malformed JSON: {err.msg} (column {err.colno})") from None
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[int, object]]:
+    import pyarrow.parquet as pq
+
+    row = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=2048):
+        for record in batch.to_pylist():
+            yield row, record
+            row += 1
+
+
+def _iter_hub(source: HubDataset) -> Iterator[tuple[int, object]]:
+    stream = open_hub_dataset(source)
+    for row, record in enumerate(stream):
+        yield row, record
+
+
+def open_hub_dataset(source: HubDataset):
+    """Open a streamed hub dataset, or fail at once with a message that says what to do."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(
+            source.path, source.name, revision=source.revision, split=source.split, streaming=True
+        )
+    except Exception as err:  # datasets raises many types (ConnectionError, FileNotFoundError, ...)
+        raise DataError(
+            f"{source}: cannot be opened: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}\n"
+            "  - With hub access: unset HF_HUB_OFFLINE / HF_DATASETS_OFFLINE and check the id and revision.\n"
+            "  - Without: download its parquet files elsewhere (`hf download --repo-type dataset "
+            f"{source.path}{' --revision ' + source.revision if source.revision else ''}`) and train from "
+            "them with data.train_files=[...]."
+        ) from err
+
+
+def iter_records(source: Source) -> Iterator[tuple[int, object]]:
+    """(row number, raw record) of one source, streamed."""
+    if isinstance(source, HubDataset):
+        yield from _iter_hub(source)
+        return
+    path = Path(source)
+    if not path.is_file():
+        raise DataError(f"{path}: training file not found (or not a file)")
+    if path.suffix == ".parquet":
+        yield from _iter_parquet(path)
+    elif path.suffix in (".jsonl", ".json"):
+        yield from _iter_jsonl(path)
+    else:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl or .parquet)")
+
+
+def _text(record: dict, field: str, where: str, required: bool) -> str | None:
+    value = record.get(field)
+    if value is None or (isinstance(value, str) and not value.strip() and not required):
+        if required:
+            raise DataError(f"{where}: missing column {field!r}")
+        return None
+    if not isinstance(value, str):
+        raise DataError(f"{where}: column {field!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(f"{where}: column {field!r} is empty or whitespace-only")
+    return value
+
+
+def parse_row(record: object, where: str, prepend_instructions: bool = False) -> dict:
+    """Validate one raw record and return {query, pos, neg (str|None), task_name, symmetric}."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    row = {field: _text(record, field, where, required=field != "neg") for field in TEXT_FIELDS}
+    row["task_name"] = _text(record, "task_name", where, required=True)
+    symmetric = record.get("symmetric", False)
+    if symmetric is not None and not isinstance(symmetric, bool):
+        raise DataError(f"{where}: column 'symmetric' must be a boolean, got {type(symmetric).__name__}")
+    row["symmetric"] = bool(symmetric)
+    if prepend_instructions:
+        for field in TEXT_FIELDS:
+            instruct = record.get(INSTRUCT[field])
+            if row[field] is not None and isinstance(instruct, str) and instruct.strip():
+                sep = "" if instruct[-1].isspace() else " "
+                row[field] = f"{instruct}{sep}{row[field]}"
+    return row
+
+
+def iter_rows(sources: Iterable[Source], prepend_instructions: bool = False) -> Iterator[dict]:
+    """Validated rows of all sources in order; each carries `where` ("source: row N") for errors.
+
+    A task must either always or never have a hard negative (its batches are stacked)."""
+    has_neg: dict[str, tuple[bool, str]] = {}
+    for source in sources:
+        for row_no, record in iter_records(source):
+            where = f"{source}: row {row_no}"
+            row = parse_row(record, where, prepend_instructions)
+            first = has_neg.setdefault(row["task_name"], (row["neg"] is not None, where))
+            if first[0] != (row["neg"] is not None):
+                raise DataError(
+                    f"{where}: task {row['task_name']!r} {'lacks' if first[0] else 'has'} a 'neg' but its first "
+                    f"row ({first[1]}) {'has' if first[0] else 'lacks'} one; a task must be consistent"
+                )
+            row["where"] = where
+            yield row
+
+
+def validate_sources(sources: Iterable[Source]) -> dict[str, int]:
+    """Read every row once (before training) so a bad row stops the run early. Returns rows per task."""
+    counts: dict[str, int] = {}
+    for row in iter_rows(sources):
+        counts[row["task_name"]] = counts.get(row["task_name"], 0) + 1
+    return counts
+
+
+def _shard() -> tuple[int, int]:
+    """(index, count) of this reader among all DDP ranks x DataLoader workers."""
+    rank, world = 0, 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    info = get_worker_info()
+    workers, worker = (info.num_workers, info.id) if info else (1, 0)
+    return rank * workers + worker, world * workers
+
+
+class SameTaskBatches(IterableDataset):
+    """Streams lists of `batch_size` rows, all of one task, in a seeded order that changes per epoch.
+
+    Batches are dealt round-robin to DDP ranks and DataLoader workers (each sees distinct batches).
+    """
+
+    def __init__(
+        self,
+        sources: list[Source],
+        batch_size: int,
+        seed: int = 42,
+        shuffle_buffer: int = 1024,
+        prepend_instructions: bool = False,
+    ) -> None:
+        if batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2 for in-batch negatives, got {batch_size}")
+        if shuffle_buffer < 1:
+            raise ValueError(f"shuffle_buffer must be >= 1 batch, got {shuffle_buffer}")
+        self.sources = list(sources)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.prepend_instructions = prepend_instructions
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> Iterator[list[dict]]:
+        rng = random.Random(f"{self.seed}:{self.epoch}")
+        buffers: dict[str, list[dict]] = {}
+        pool: list[list[dict]] = []
+        for row in iter_rows(self.sources, self.prepend_instructions):
+            buf = buffers.setdefault(row["task_name"], [])
+            buf.append(row)
+            if len(buf) == self.batch_size:
+                pool.append(buf)
+                buffers[row["task_name"]] = []
+                if len(pool) >= self.shuffle_buffer:
+                    yield pool.pop(rng.randrange(len(pool)))
+        rng.shuffle(pool)
+        yield from pool
+
+    def __iter__(self) -> Iterator[list[dict]]:
+        shard, shards = _shard()
+        for i, batch in enumerate(self._batches()):
+            if i % shards == shard:
+                yield batch
+
+
+def text_id(text: str) -> int:
+    """A stable 63-bit id of a raw string (equal text <=> equal id, up to hash collisions)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+
+class Collator:
+    """Rows of one batch -> tokenized student inputs, guide inputs (tokenized from the raw strings with
+    the guide's own tokenizer), and text ids. Holds tokenizers only, so DataLoader workers can pickle it.
+    """
+
+    def __init__(self, student_tokenizer, student_max_length: int, guide_tokenizer=None, guide_max_length: int | None = None):
+        self.student = (student_tokenizer, student_max_length)
+        self.guide = (guide_tokenizer, guide_max_length) if guide_tokenizer is not None else None
+
+    @staticmethod
+    def _tokenize(tok, max_length: int, texts: list[str]):
+        return dict(tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
+
+    def __call__(self, rows: list[dict]) -> dict:
+        texts = {BLOCKS[f]: [r[f] for r in rows] for f in TEXT_FIELDS if rows[0][f] is not None}
+        batch = {
+            "task": rows[0]["task_name"],
+            "size": len(rows),
+            "texts": texts,
+            "text_ids": {k: torch.tensor([text_id(t) for t in v]) for k, v in texts.items()},
+            "student": {k: self._tokenize(*self.student, v) for k, v in texts.items()},
+            "guide": None,
+        }
+        if self.guide is not None:
+            batch["guide"] = {k: self._tokenize(*self.guide, v) for k, v in texts.items()}
+        return batch
+
+
+def read_sts(task_dir: str | Path, split: str) -> tuple[list[str], list[str], list[float]]:
+    """sentence1, sentence2, score of an STS task folder in the MTEB layout (`<split>.jsonl`)."""
+    path = Path(task_dir) / f"{split}.jsonl"
+    s1, s2, scores = [], [], []
+    for row_no, record in iter_records(path):
+        where = f"{path}: row {row_no}"
+        if not isinstance(record, dict) or not all(k in record for k in ("sentence1", "sentence2", "score")):
+            raise DataError(f"{where}: an STS row needs sentence1, sentence2 and score")
+        s1.append(str(record["sentence1"]))
+        s2.append(str(record["sentence2"]))
+        scores.append(float(record["score"]))
+    return s1, s2, scores
+
+
+class StsCollator:
+    """(sentence1, sentence2, score) rows -> student inputs for both sides and the gold scores."""
+
+    def __init__(self, tokenizer, max_length: int):
+        self.student = (tokenizer, max_length)
+
+    def __call__(self, rows: list[tuple[str, str, float]]) -> dict:
+        s1, s2, score = zip(*rows)
+        return {
+            "sentence1": Collator._tokenize(*self.student, list(s1)),
+            "sentence2": Collator._tokenize(*self.student, list(s2)),
+            "score": torch.tensor(score, dtype=torch.float32),
+        }

@@ -1,0 +1,124 @@
+"""LightningDataModule: same-task GIST batches for training, an STS split for validation.
+
+Training sources, read in this order: `train_files` (jsonl/parquet), `hub_datasets` (streamed), and
+`derived` sources (objects with `materialize(cache_dir) -> path`, e.g. mined classification triplets,
+built once and cached on disk). See gist/data.py for the batching policy.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from gist.data import Collator, DataError, HubDataset, SameTaskBatches, StsCollator, open_hub_dataset, read_sts, validate_sources
+
+log = logging.getLogger(__name__)
+
+
+class GISTDataModule(LightningDataModule):
+    """Args:
+    train_files: local GIST-schema .jsonl / .parquet files.
+    hub_datasets: dicts {path, revision, split, name} of hub datasets to stream.
+    derived: objects with `materialize(cache_dir) -> Path` (gist.mining.MinedTriplets, StsPairs).
+    cache_dir: where derived sources are written.
+    batch_size: rows per (same-task) batch, per device.
+    seed: seed of the batch shuffle.
+    shuffle_buffer: batches held in the shuffle pool.
+    prepend_instructions: prepend *_instruct to texts (GIST drops them: default False).
+    validate_files: read local files once before training so a bad row stops the run early.
+    val_sts_dir / val_split / val_batch_size: the STS split used for validation (None: no validation).
+    num_workers: DataLoader workers (batches are sharded among them).
+    """
+
+    def __init__(
+        self,
+        train_files: Sequence[str] = (),
+        hub_datasets: Sequence[dict] = (),
+        derived: Sequence[object] = (),
+        cache_dir: str = ".cache",
+        batch_size: int = 16,
+        seed: int = 42,
+        shuffle_buffer: int = 1024,
+        prepend_instructions: bool = False,
+        validate_files: bool = True,
+        val_sts_dir: str | None = None,
+        val_split: str = "validation",
+        val_batch_size: int = 64,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.train_files = [Path(f) for f in train_files]
+        self.hub_datasets = [HubDataset(**dict(h)) for h in hub_datasets]
+        self.derived = list(derived)
+        if not (self.train_files or self.hub_datasets or self.derived):
+            raise ValueError("no training data: set data.train_files, data.hub_datasets or data.derived")
+        self.cache_dir = Path(cache_dir)
+        self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer
+        self.prepend_instructions, self.validate_files = prepend_instructions, validate_files
+        self.val_sts_dir, self.val_split, self.val_batch_size = val_sts_dir, val_split, val_batch_size
+        self.num_workers = num_workers
+        self.collator: Collator | None = None
+        self.sts_collator: StsCollator | None = None
+        self.task_counts: dict[str, int] = {}
+
+    def check_sources(self) -> None:
+        """Fail fast, before any model loads: files exist, hub datasets resolve, STS split exists."""
+        for path in self.train_files:
+            if not path.is_file():
+                raise DataError(f"{path}: training file not found")
+        for hub in self.hub_datasets:
+            open_hub_dataset(hub)
+        if self.val_sts_dir is not None and not (Path(self.val_sts_dir) / f"{self.val_split}.jsonl").is_file():
+            raise DataError(f"{Path(self.val_sts_dir) / f'{self.val_split}.jsonl'}: validation split not found")
+
+    def configure_tokenizers(self, student, guide=None) -> None:
+        """Tokenize for the student and, with its OWN tokenizer and max length, for the guide."""
+        self.collator = Collator(
+            student.tokenizer,
+            student.max_length,
+            guide.tokenizer if guide is not None else None,
+            guide.max_length if guide is not None else None,
+        )
+        self.sts_collator = StsCollator(student.tokenizer, student.max_length)
+
+    def prepare_data(self) -> None:
+        # Runs once per node before setup: build the cached derived files (e.g. mining).
+        for source in self.derived:
+            source.materialize(self.cache_dir)
+
+    def sources(self) -> list:
+        return [*self.train_files, *self.hub_datasets, *(s.materialize(self.cache_dir) for s in self.derived)]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.collator is None:
+            raise RuntimeError("call configure_tokenizers(student, guide) before fitting")
+        sources = self.sources()
+        if self.validate_files:
+            local = [s for s in sources if not isinstance(s, HubDataset)]
+            self.task_counts = validate_sources(local)
+            small = sorted(t for t, n in self.task_counts.items() if n < self.batch_size)
+            if small:
+                log.warning("tasks with fewer rows than batch_size %d yield no batch: %s", self.batch_size, small)
+            log.info("training rows: %d in %d tasks", sum(self.task_counts.values()), len(self.task_counts))
+        self.train_set = SameTaskBatches(
+            sources, self.batch_size, seed=self.seed, shuffle_buffer=self.shuffle_buffer,
+            prepend_instructions=self.prepend_instructions,
+        )
+        if self.val_sts_dir is not None:
+            self.val_rows = list(zip(*read_sts(self.val_sts_dir, self.val_split)))
+
+    def train_dataloader(self) -> DataLoader:
+        # batch_size=None: the dataset yields whole same-task batches; the collator tokenizes them.
+        return DataLoader(
+            self.train_set, batch_size=None, collate_fn=self.collator, num_workers=self.num_workers,
+            persistent_workers=False,
+        )
+
+    def val_dataloader(self):
+        if self.val_sts_dir is None:
+            return []
+        return DataLoader(self.val_rows, batch_size=self.val_batch_size, shuffle=False, collate_fn=self.sts_collator)

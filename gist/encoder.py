@@ -1,0 +1,195 @@
+"""Text encoders: a Hugging Face `AutoModel` + pooling + L2 normalisation, and the frozen guide.
+
+The pooling mode is read from the model's sentence-transformers config (`modules.json` ->
+`*_Pooling/config.json`), unless given: UAE-Large-V1 must be forced to `mean` (its CLS config appeared
+after GIST was trained). Hub ids load through the ordinary Hugging Face cache; offline, a model that is
+not cached fails at once with a message that says what to do.
+
+    enc = Encoder("sentence-transformers/all-MiniLM-L6-v2")
+    emb = enc.encode(["hello world"])          # (1, 384), unit norm
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, BatchEncoding
+
+log = logging.getLogger(__name__)
+
+POOLING_MODES = ("cls", "mean")
+OFFLINE_MODELS = ("sentence-transformers/all-MiniLM-L6-v2", "sentence-transformers/all-mpnet-base-v2")
+
+
+class ModelUnavailableError(RuntimeError):
+    """A model could not be loaded (not cached offline, unknown id, no network)."""
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _unavailable(name: str, revision: str | None, err: Exception) -> ModelUnavailableError:
+    where = "the hub is disabled (HF_HUB_OFFLINE=1)" if _offline() else "the hub could not be reached or refused it"
+    return ModelUnavailableError(
+        f"Cannot load model {name!r} (revision {revision or 'main'}): it is not a local folder, not in the "
+        f"Hugging Face cache, and {where}.\n"
+        f"  - With hub access: unset HF_HUB_OFFLINE, or pre-download it: "
+        f"`hf download {name}{' --revision ' + revision if revision else ''}`.\n"
+        f"  - Without: point the config at a local folder (e.g. model.name=/path/to/model).\n"
+        f"  - Available offline on machines without the hub: {', '.join(OFFLINE_MODELS)} "
+        f"(`python -m gist.offline_models` lays them out).\n"
+        f"  Cause: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    )
+
+
+def _read_json(name: str, filename: str, revision: str | None) -> dict | list | None:
+    """A JSON file of a local folder or hub repo (from the cache when offline); None if absent."""
+    if Path(name).is_dir():
+        path = Path(name) / filename
+        return json.loads(path.read_text()) if path.exists() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        return json.loads(Path(hf_hub_download(name, filename, revision=revision)).read_text())
+    except (EntryNotFoundError, LocalEntryNotFoundError):
+        return None
+
+
+def read_st_config(name: str, revision: str | None = None) -> tuple[str | None, int | None]:
+    """(pooling mode, max_seq_length) from a sentence-transformers folder/repo; None where absent."""
+    modules = _read_json(name, "modules.json", revision) or []
+    pooling = None
+    for module in modules:
+        if module.get("type", "").endswith("Pooling"):
+            cfg = _read_json(name, f"{module['path']}/config.json", revision) or {}
+            if "pooling_mode" in cfg:  # sentence-transformers >= 6 format
+                pooling = cfg["pooling_mode"] if isinstance(cfg["pooling_mode"], str) else cfg["pooling_mode"][0]
+            elif cfg.get("pooling_mode_cls_token"):
+                pooling = "cls"
+            elif cfg.get("pooling_mode_mean_tokens"):
+                pooling = "mean"
+            else:
+                pooling = next((k.removeprefix("pooling_mode_") for k, v in cfg.items() if v is True), None)
+    st_cfg = _read_json(name, "sentence_bert_config.json", revision) or {}
+    return pooling, st_cfg.get("max_seq_length")
+
+
+def pool(last_hidden: Tensor, attention_mask: Tensor, mode: str) -> Tensor:
+    """(B, T, d) token states -> (B, d) sentence embedding."""
+    if mode == "cls":
+        return last_hidden[:, 0]
+    mask = attention_mask.unsqueeze(-1).to(last_hidden.dtype)  # (B, T, 1)
+    return (last_hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+class Encoder(nn.Module):
+    """AutoModel + pooling + L2 normalisation, with its own tokenizer and max length.
+
+    Args:
+        name: hub id or local folder (transformers or sentence-transformers layout).
+        revision: hub revision (commit, tag or branch); None = main.
+        pooling: "cls" or "mean"; None reads the model's sentence-transformers pooling config
+            (mean when the model has none).
+        max_length: tokens per text; None reads sentence-transformers' max_seq_length (else 512).
+        trust_remote_code: run code shipped with the model; off unless the config sets it.
+        gradient_checkpointing: trade compute for activation memory in the student.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        revision: str | None = None,
+        pooling: str | None = None,
+        max_length: int | None = None,
+        trust_remote_code: bool = False,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if pooling is not None and pooling not in POOLING_MODES:
+            raise ValueError(f"pooling must be one of {POOLING_MODES} or null (read from the model), got {pooling!r}")
+        self.name, self.revision = name, revision
+        kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
+        try:
+            AutoConfig.from_pretrained(name, **kwargs)  # cheap: fails fast before any weights move
+            st_pooling, st_max_length = read_st_config(name, revision)
+        except (OSError, ValueError) as err:
+            raise _unavailable(name, revision, err) from err
+        self.model = AutoModel.from_pretrained(name, **kwargs)
+        self.tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+        if pooling is None and st_pooling not in POOLING_MODES:
+            log.warning("%s: no usable sentence-transformers pooling config (%s); using mean pooling", name, st_pooling)
+        self.pooling = pooling or (st_pooling if st_pooling in POOLING_MODES else "mean")
+        self.max_length = int(max_length or st_max_length or min(self.tokenizer.model_max_length, 512))
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.train()  # from_pretrained returns eval mode; a fresh module trains (dropout on) like any other
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.hidden_size
+
+    def tokenize(self, texts: list[str]) -> BatchEncoding:
+        """Dynamic padding to the longest text of the batch, truncation at max_length."""
+        return self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+
+    def forward(self, features: dict[str, Tensor]) -> Tensor:
+        """Tokenized batch -> (B, d) unit-norm embeddings."""
+        inputs = {k: v for k, v in features.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        out = self.model(**inputs)
+        return F.normalize(pool(out.last_hidden_state, features["attention_mask"], self.pooling), dim=-1)
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str], batch_size: int = 64, device: torch.device | str | None = None) -> Tensor:
+        """Embed texts in length-sorted batches (less padding); returns (N, d) fp32 on CPU, input order."""
+        was_training = self.training
+        self.eval()
+        device = device or next(self.parameters()).device
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+        out = torch.empty(len(texts), self.dim)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            features = self.tokenize([texts[i] for i in idx]).to(device)
+            out[idx] = self(features).float().cpu()
+        self.train(was_training)
+        return out
+
+
+class FrozenGuide(nn.Module):
+    """The guide, frozen in this one place: eval mode for good (dropout off), requires_grad False,
+    no-grad encoding. The training module keeps it out of its parameters, the optimizer and checkpoints.
+    """
+
+    def __init__(self, encoder: Encoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.encoder.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "FrozenGuide":
+        """Ignored: a `.train()` (e.g. after a validation loop) keeps the guide in eval mode."""
+        return self
+
+    @property
+    def max_length(self) -> int:
+        return self.encoder.max_length
+
+    @property
+    def tokenizer(self):
+        return self.encoder.tokenizer
+
+    def tokenize(self, texts: list[str]) -> BatchEncoding:
+        return self.encoder.tokenize(texts)
+
+    @torch.no_grad()
+    def forward(self, features: dict[str, Tensor]) -> Tensor:
+        return self.encoder(features)

@@ -1,0 +1,203 @@
+"""Training triplets derived from MTEB-layout task folders, cached on disk.
+
+`MinedTriplets`: GIST's classification-triplet mining (GIST_SPEC §3; author's
+scripts/create_classification_dataset.py), per task folder, train split only:
+  1. embed every text with the guide (cosine);
+  2. positive of text i = a sample from the 100 most similar texts of the SAME label (i excluded),
+     with probability softmax(sim / 0.05);
+  3. negative = uniform over the texts of all OTHER labels;
+  4. drop singleton classes and rows with query == pos or query == neg.
+Deterministic for a given seed (1029), guide and input. `task_name = mteb-<name>-avs_triplets`.
+
+`StsPairs`: STS pairs with score >= min_score as a symmetric pair task (no hard negative).
+
+Both write GIST-schema jsonl under a cache folder keyed by every argument that changes the output,
+so a second run reuses the file. CLI: scripts/mine_triplets.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gist.data import DataError, iter_records, read_sts
+
+log = logging.getLogger(__name__)
+
+
+def task_slug(folder_name: str) -> str:
+    """MTEB task folder -> GIST's dataset name: Banking77Classification -> banking77,
+    TweetSentimentExtractionClassification -> tweet_sentiment_extraction."""
+    name = folder_name.removesuffix("Classification")
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
+
+
+def _key(**kwargs) -> str:
+    return hashlib.sha256(json.dumps(kwargs, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _file_digest(path: Path) -> str:
+    """Content hash of an input file: the cache follows the data, not its path or mtime."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_jsonl(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)  # atomic: an interrupted run never leaves a half-written cache entry
+
+
+def read_classification(task_dir: str | Path, split: str = "train") -> tuple[list[str], list]:
+    """(texts, labels) of a classification task folder, skipping empty/whitespace-only texts."""
+    path = Path(task_dir) / f"{split}.jsonl"
+    texts, labels = [], []
+    for row_no, record in iter_records(path):
+        if not isinstance(record, dict) or "text" not in record or "label" not in record:
+            raise DataError(f"{path}: row {row_no}: a classification row needs 'text' and 'label'")
+        if not isinstance(record["text"], str):
+            raise DataError(f"{path}: row {row_no}: 'text' must be a string")
+        if record["text"].strip():  # MTEB keeps empty texts (e.g. Tweet row 314); training must not
+            texts.append(record["text"])
+            labels.append(record["label"])
+    return texts, labels
+
+
+def mine_triplets(
+    embeddings: torch.Tensor,
+    texts: list[str],
+    labels: list,
+    *,
+    seed: int = 1029,
+    top_k: int = 100,
+    temperature: float = 0.05,
+) -> list[tuple[str, str, str]]:
+    """GIST's mining over precomputed unit-norm embeddings (N, d). Returns (query, pos, neg) in input order."""
+    rng = np.random.default_rng(seed)
+    labels_arr = np.asarray([str(label) for label in labels])
+    classes, counts = np.unique(labels_arr, return_counts=True)
+    keep = set(classes[counts >= 2])  # singleton classes have no positive
+    emb = embeddings.float()
+    rows = []
+    for i in range(len(texts)):
+        if labels_arr[i] not in keep:
+            continue
+        same = np.flatnonzero(labels_arr == labels_arr[i])
+        same = same[same != i]
+        other = np.flatnonzero(labels_arr != labels_arr[i])
+        if len(other) == 0:
+            continue
+        sims = (emb[same] @ emb[i]).numpy()  # (n_same,)
+        k = min(top_k, len(same))
+        top = np.argpartition(-sims, k - 1)[:k] if k < len(same) else np.arange(len(same))
+        top = top[np.lexsort((same[top], -sims[top]))]  # sorted by similarity, ties by index: deterministic
+        logits = sims[top] / temperature
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        pos = same[top[rng.choice(len(top), p=probs)]]
+        neg = other[rng.integers(len(other))]
+        if texts[i] == texts[pos] or texts[i] == texts[neg]:
+            continue
+        rows.append((texts[i], texts[pos], texts[neg]))
+    return rows
+
+
+class MinedTriplets:
+    """GIST-mined triplets of one MTEB classification task folder (train split), cached as jsonl.
+
+    Args:
+        task_dir: folder with `<split>.jsonl` rows {text, label}.
+        guide: the encoder used for mining (hub id or local folder).
+        guide_pooling / guide_max_length / guide_revision: as for `gist.encoder.Encoder`.
+        max_texts: subsample this many texts (seeded) before mining; None = the whole split.
+        seed: GIST uses 1029.
+        name: dataset name in task_name; default derived from the folder (banking77, emotion, ...).
+        batch_size: encoding batch size.
+    """
+
+    def __init__(
+        self,
+        task_dir: str,
+        guide: str,
+        guide_pooling: str | None = None,
+        guide_max_length: int | None = None,
+        guide_revision: str | None = None,
+        max_texts: int | None = None,
+        seed: int = 1029,
+        split: str = "train",
+        name: str | None = None,
+        batch_size: int = 64,
+    ) -> None:
+        self.task_dir = Path(task_dir)
+        self.guide = dict(name=guide, revision=guide_revision, pooling=guide_pooling, max_length=guide_max_length)
+        self.max_texts, self.seed, self.split, self.batch_size = max_texts, seed, split, batch_size
+        self.name = name or task_slug(self.task_dir.name)
+
+    @property
+    def task_name(self) -> str:
+        return f"mteb-{self.name}-avs_triplets"
+
+    def cache_path(self, cache_dir: str | Path) -> Path:
+        data = _file_digest(self.task_dir / f"{self.split}.jsonl")
+        key = _key(guide=self.guide, max_texts=self.max_texts, seed=self.seed, data=data, name=self.name, v=1)
+        return Path(cache_dir) / "mined" / f"{self.task_name}-{key}.jsonl"
+
+    def build(self) -> list[dict]:
+        from gist.encoder import Encoder
+
+        texts, labels = read_classification(self.task_dir, self.split)
+        if self.max_texts is not None and self.max_texts < len(texts):
+            pick = np.sort(np.random.default_rng(self.seed).choice(len(texts), self.max_texts, replace=False))
+            texts, labels = [texts[i] for i in pick], [labels[i] for i in pick]
+        encoder = Encoder(**self.guide)
+        log.info("mining %s: embedding %d texts with %s", self.task_name, len(texts), self.guide["name"])
+        embeddings = encoder.encode(texts, batch_size=self.batch_size)
+        triplets = mine_triplets(embeddings, texts, labels, seed=self.seed)
+        return [
+            {"query": q, "pos": p, "neg": n, "task_name": self.task_name, "query_instruct": "",
+             "pos_instruct": "", "neg_instruct": "", "symmetric": False}
+            for q, p, n in triplets
+        ]
+
+    def materialize(self, cache_dir: str | Path) -> Path:
+        path = self.cache_path(cache_dir)
+        if not path.exists():
+            _write_jsonl(self.build(), path)
+            log.info("mined %s -> %s", self.task_name, path)
+        return path
+
+
+class StsPairs:
+    """STS pairs with score >= min_score as a symmetric pair task (query=sentence1, pos=sentence2)."""
+
+    def __init__(self, task_dir: str, split: str = "train", min_score: float = 4.0, task_name: str | None = None):
+        self.task_dir, self.split, self.min_score = Path(task_dir), split, min_score
+        self.task_name = task_name or f"{task_slug(self.task_dir.name)}-pairs"
+
+    def build(self) -> list[dict]:
+        rows = []
+        for s1, s2, score in zip(*read_sts(self.task_dir, self.split)):
+            if score >= self.min_score and s1.strip() and s2.strip() and s1 != s2:
+                rows.append({"query": s1, "pos": s2, "neg": None, "task_name": self.task_name,
+                             "query_instruct": "", "pos_instruct": "", "neg_instruct": "", "symmetric": True})
+        return rows
+
+    def materialize(self, cache_dir: str | Path) -> Path:
+        data = _file_digest(self.task_dir / f"{self.split}.jsonl")
+        key = _key(data=data, min_score=self.min_score, name=self.task_name, v=1)
+        path = Path(cache_dir) / "derived" / f"{self.task_name}-{key}.jsonl"
+        if not path.exists():
+            _write_jsonl(self.build(), path)
+        return path

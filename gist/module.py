@@ -1,0 +1,123 @@
+"""The LightningModule: a trainable student, a frozen guide and a contrastive loss.
+
+Training step: encode anchor / positive / negative with the student (train mode) and, when the loss
+needs it, with the guide (eval, no grad, its own tokenization from the collate step); the loss module
+returns (loss, stats). Validation: cosine Spearman of the student on an STS split.
+
+The guide is NOT a registered submodule: it stays out of `parameters()`, the optimizer, DDP's
+gradient sync and `state_dict()` (so checkpoints hold the student only), yet follows the module's
+`.to(device)` through `_apply`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+from torchmetrics.regression import SpearmanCorrCoef
+
+from gist.encoder import Encoder, FrozenGuide
+
+
+class GISTModule(LightningModule):
+    """Args:
+    student: the encoder being trained.
+    loss: a loss module from gist.losses (`requires_guide` says whether it uses the guide).
+    guide: the guide encoder (frozen here), or None for guide-free losses.
+    lr / weight_decay / betas / eps: AdamW.
+    warmup_steps: linear warm-up from 0 to lr.
+    schedule_steps: step at which the linear decay reaches 0; None = trainer.max_steps. GIST's released
+        checkpoints stopped inside a much longer schedule, so this is separate from max_steps.
+    """
+
+    def __init__(
+        self,
+        student: Encoder,
+        loss: nn.Module,
+        guide: Encoder | None = None,
+        lr: float = 2e-5,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        warmup_steps: int = 0,
+        schedule_steps: int | None = None,
+    ) -> None:
+        super().__init__()
+        if getattr(loss, "requires_guide", False) and guide is None:
+            raise ValueError(
+                f"{type(loss).__name__} needs a guide model: set guide=<mpnet|minilm|...>, "
+                "or choose a guide-free loss (loss=no_guide or loss=mnrl)"
+            )
+        if warmup_steps < 0 or (schedule_steps is not None and schedule_steps <= warmup_steps):
+            raise ValueError(f"need 0 <= warmup_steps < schedule_steps, got {warmup_steps}, {schedule_steps}")
+        self.student = student
+        self.loss_fn = loss
+        self.__dict__["guide"] = FrozenGuide(guide) if guide is not None and loss.requires_guide else None
+        self.optim = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
+        self.warmup_steps, self.schedule_steps = warmup_steps, schedule_steps
+        self.val_spearman = SpearmanCorrCoef()
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        if self.guide is not None:
+            self.guide._apply(fn, *args, **kwargs)
+        return self
+
+    def _encode(self, encoder: nn.Module, features: dict) -> dict[str, torch.Tensor]:
+        return {block: encoder(inputs) for block, inputs in features.items()}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        student = self._encode(self.student, batch["student"])
+        guide = self._encode(self.guide, batch["guide"]) if self.guide is not None else None
+        ids = batch["text_ids"]
+        loss, stats = self.loss_fn(student, guide, (ids["anchor"], ids["positive"], ids.get("negative")))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite training loss {loss.item()} at step {self.global_step} (task {batch['task']!r}); "
+                "stopping before the optimizer step so no checkpoint is written from it"
+            )
+        B = batch["size"]
+        self.log("train/loss", loss, prog_bar=True, batch_size=B)
+        self.log("train/masked_frac", stats["masked_frac"], prog_bar=True, batch_size=B)
+        self.log("train/effective_negatives", stats["effective_negatives"], batch_size=B)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        e1, e2 = self.student(batch["sentence1"]), self.student(batch["sentence2"])
+        self.val_spearman.update((e1 * e2).sum(-1).float(), batch["score"])
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/stsb_spearman", self.val_spearman.compute(), prog_bar=True)
+        self.val_spearman.reset()
+
+    def on_train_epoch_start(self) -> None:
+        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+        if hasattr(dataset, "set_epoch"):  # a new seeded batch order each epoch
+            dataset.set_epoch(self.current_epoch)
+
+    def configure_optimizers(self):
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, **self.optim)
+        total = self.schedule_steps or self.trainer.max_steps
+        if total is None or total <= 0 or total == math.inf:
+            raise ValueError("the LR schedule needs trainer.max_steps or optim.schedule_steps (streamed data has no length)")
+        warmup = self.warmup_steps
+
+        def linear(step: int) -> float:
+            if step < warmup:
+                return step / max(1, warmup)
+            return max(0.0, (total - step) / max(1, total - warmup))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # What it takes to rebuild the student around the saved weights (gist.runs / export from a ckpt).
+        checkpoint["gist_student"] = {
+            "name": self.student.name,
+            "revision": self.student.revision,
+            "pooling": self.student.pooling,
+            "max_length": self.student.max_length,
+        }

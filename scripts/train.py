@@ -1,0 +1,86 @@
+"""Train a text-embedding model with GISTEmbed, then export it as a sentence-transformers folder.
+
+    python scripts/train.py                                   # the quickstart (offline, 2 CPU cores)
+    python scripts/train.py experiment=gist_small             # the released GIST-small recipe
+    python scripts/train.py loss=mnrl guide=none optim.lr=1e-5
+    python scripts/train.py -m optim.lr=1e-5,5e-6 loss.temperature=0.01,0.05   # a sweep
+
+Reads top to bottom: seed, instantiate, wire, fit, export, compare, return the metric.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+os.environ.setdefault("GIST_ROOT", str(Path(__file__).resolve().parents[1]))
+
+import hydra  # noqa: E402
+import torch  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from lightning.pytorch import seed_everything  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from gist.export import export_sentence_transformer  # noqa: E402
+from gist.module import GISTModule  # noqa: E402
+from gist.sts import sts_spearman  # noqa: E402
+
+log = logging.getLogger("gist.train")
+
+
+def train(cfg: DictConfig) -> float | None:
+    seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+
+    # Data first: a missing file or unreachable hub dataset fails before any model loads.
+    datamodule = instantiate(cfg.data)
+    datamodule.check_sources()
+    loss = instantiate(cfg.loss)
+    student = instantiate(cfg.model)
+    guide = instantiate(cfg.guide) if cfg.get("guide") and loss.requires_guide else None
+    module = GISTModule(student, loss, guide, **cfg.optim)
+    datamodule.configure_tokenizers(student, guide)
+
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = [lg for lg in (instantiate(c) for c in (cfg.get("logger") or {}).values()) if lg is not None]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+    best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
+    if best:
+        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_state_dict(state)
+        log.info("best checkpoint: %s (%s = %s)", best, cfg.optimized_metric, trainer.checkpoint_callback.best_model_score)
+        metrics[cfg.optimized_metric] = float(trainer.checkpoint_callback.best_model_score)
+
+    if trainer.is_global_zero and cfg.get("export"):
+        path = export_sentence_transformer(module.student.cpu(), output_dir / "model")
+        log.info("exported sentence-transformers model: %s", path)
+        if cfg.get("compare_sts_dir"):
+            base = instantiate(cfg.model)
+            scores = {
+                "base": sts_spearman(base, cfg.compare_sts_dir, "test"),
+                "fine_tuned": sts_spearman(module.student.eval(), cfg.compare_sts_dir, "test"),
+            }
+            (output_dir / "sts_test.json").write_text(OmegaConf.to_yaml(scores))
+            name = Path(cfg.compare_sts_dir).name
+            print(f"\n{name} test cosine Spearman x100: base {scores['base']:.2f} -> fine-tuned "
+                  f"{scores['fine_tuned']:.2f} ({scores['fine_tuned'] - scores['base']:+.2f})")
+            print(f"model: {path}\n")
+    return metrics.get(cfg.optimized_metric)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Encoders: pooling from the sentence-transformers config, offline hub ids, fail-fast, the frozen guide."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from gist.encoder import Encoder, FrozenGuide, ModelUnavailableError, read_st_config
+from gist.offline_models import MINILM, installed
+
+
+def test_pooling_is_read_from_the_st_config_and_overridable(tiny_student, tiny_guide):
+    assert read_st_config(str(tiny_student)) == ("mean", 32)
+    assert Encoder(str(tiny_student)).pooling == "mean"
+    assert Encoder(str(tiny_guide)).pooling == "cls"
+    assert Encoder(str(tiny_guide), pooling="mean").pooling == "mean"  # e.g. UAE-Large forced to mean
+    assert Encoder(str(tiny_student)).max_length == 32
+    with pytest.raises(ValueError, match="pooling"):
+        Encoder(str(tiny_student), pooling="max-ish")
+
+
+def test_embeddings_are_unit_norm_and_encode_keeps_input_order(tiny_student):
+    enc = Encoder(str(tiny_student))
+    texts = ["a very long sentence about the cat and the dog", "cat", "the bank card"]
+    out = enc.encode(texts, batch_size=2)
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(3))
+    for i, t in enumerate(texts):
+        torch.testing.assert_close(out[i], enc.encode([t])[0], atol=1e-5, rtol=1e-4)
+    assert enc.training  # encode() restores the mode it found
+
+
+def test_cls_and_mean_pooling_differ(tiny_guide):
+    feats = Encoder(str(tiny_guide)).tokenize(["the cat plays piano", "dog"])
+    cls = Encoder(str(tiny_guide), pooling="cls").eval()(feats)
+    mean = Encoder(str(tiny_guide), pooling="mean").eval()(feats)
+    assert not torch.allclose(cls, mean)
+
+
+@pytest.mark.skipif(not installed()[MINILM], reason="offline models not laid out (python -m gist.offline_models)")
+def test_offline_minilm_resolves_by_hub_id_and_matches_reference():
+    enc = Encoder("sentence-transformers/all-MiniLM-L6-v2")
+    assert enc.pooling == "mean" and enc.max_length == 256
+    emb = enc.encode(["hello world"])[0, :5]
+    ref = torch.tensor([-0.034477, 0.031023, 0.006735, 0.026109, -0.039362])  # OFFLINE.md
+    torch.testing.assert_close(emb, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["BAAI/bge-small-en-v1.5", "WhereIsAI/UAE-Large-V1"])
+def test_hub_only_models_fail_fast_offline_with_instructions(name):
+    start = time.perf_counter()
+    with pytest.raises(ModelUnavailableError) as err:
+        Encoder(name)
+    assert time.perf_counter() - start < 30
+    msg = str(err.value)
+    assert name in msg and "HF_HUB_OFFLINE" in msg and "hf download" in msg and "local folder" in msg
+
+
+def test_frozen_guide_stays_in_eval_mode_without_gradients(tiny_guide):
+    guide = FrozenGuide(Encoder(str(tiny_guide)))
+    guide.train()
+    assert not guide.training and not guide.encoder.training
+    assert not any(p.requires_grad for p in guide.parameters())
+    feats = guide.tokenize(["the cat"])
+    out = guide(feats)
+    assert not out.requires_grad
+    torch.testing.assert_close(out, guide(feats))  # no dropout

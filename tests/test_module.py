@@ -1,0 +1,77 @@
+"""The LightningModule: the guide is frozen in one place and never trained, optimized or checkpointed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+
+from gist.datamodule import GISTDataModule
+from gist.encoder import Encoder
+from gist.losses import GISTLoss, MNRLLoss
+from gist.module import GISTModule
+
+
+def _fit(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, loss=None, steps=4):
+    student, guide = Encoder(str(tiny_student)), Encoder(str(tiny_guide))
+    module = GISTModule(student, loss or GISTLoss(), guide, lr=1e-3, warmup_steps=1)
+    dm = GISTDataModule(train_files=[str(gist_file)], batch_size=8, val_sts_dir=str(mteb_dir / "TinySTS"), val_batch_size=8)
+    dm.configure_tokenizers(student, module.guide)
+    trainer = Trainer(
+        default_root_dir=tmp_path, accelerator="cpu", max_steps=steps, val_check_interval=2, check_val_every_n_epoch=None,
+        num_sanity_val_steps=0, logger=False, enable_progress_bar=False, gradient_clip_val=1.0,
+    )
+    trainer.fit(module, datamodule=dm)
+    return module, trainer
+
+
+def test_guide_is_frozen_after_validation_and_absent_from_optimizer_and_checkpoint(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir):
+    module, trainer = _fit(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir)
+    guide_before = {k: v.clone() for k, v in module.guide.state_dict().items()}
+    assert trainer.global_step == 4 and "val/stsb_spearman" in trainer.callback_metrics
+    assert not module.guide.training and not module.guide.encoder.model.training
+    assert module.student.training
+    assert all(not p.requires_grad for p in module.guide.parameters())
+    guide_params = {id(p) for p in module.guide.parameters()}
+    opt_params = [p for group in trainer.optimizers[0].param_groups for p in group["params"]]
+    assert opt_params and not any(id(p) in guide_params for p in opt_params)
+    assert len(opt_params) == len(list(module.student.parameters()))
+    ckpt_path = tmp_path / "x.ckpt"
+    trainer.save_checkpoint(ckpt_path)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    assert ckpt["state_dict"] and all(k.startswith("student.") for k in ckpt["state_dict"])
+    assert ckpt["gist_student"]["pooling"] == "mean"
+    for k, v in module.guide.state_dict().items():
+        torch.testing.assert_close(v, guide_before[k])
+
+
+def test_student_learns_and_guide_does_not_change(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir):
+    ref_student = Encoder(str(tiny_student)).state_dict()
+    ref_guide = Encoder(str(tiny_guide)).state_dict()
+    module, _ = _fit(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, steps=3)
+    assert any(not torch.equal(v, ref_student[k]) for k, v in module.student.state_dict().items())
+    for k, v in module.guide.encoder.state_dict().items():
+        torch.testing.assert_close(v, ref_guide[k])
+
+
+def test_loss_needing_a_guide_without_one_is_a_config_error(tiny_student):
+    with pytest.raises(ValueError, match="needs a guide"):
+        GISTModule(Encoder(str(tiny_student)), GISTLoss(), None)
+
+
+def test_guide_free_loss_drops_the_guide(tiny_student, tiny_guide):
+    module = GISTModule(Encoder(str(tiny_student)), MNRLLoss(), Encoder(str(tiny_guide)))
+    assert module.guide is None
+
+
+def test_lr_schedule_is_linear_warmup_then_linear_decay(tiny_student):
+    module = GISTModule(Encoder(str(tiny_student)), MNRLLoss(), lr=1.0, warmup_steps=10, schedule_steps=110)
+    config = module.configure_optimizers()
+    sched = config["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(111):
+        lrs.append(sched.get_last_lr()[0])
+        config["optimizer"].step()
+        sched.step()
+    assert lrs[0] == 0 and lrs[5] == pytest.approx(0.5) and lrs[10] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.5) and lrs[110] == pytest.approx(0.0)
