@@ -238,30 +238,55 @@ def text_id(text: str) -> int:
 
 
 class Collator:
-    """Rows of one batch -> tokenized student inputs, guide inputs (tokenized from the raw strings with
-    the guide's own tokenizer), and text ids. Holds tokenizers only, so DataLoader workers can pickle it.
+    """Rows of one batch -> tokenized student inputs, text ids, and for the guide either its cached
+    embeddings (when a `GuideCache` holds every text of the batch) or inputs tokenized from the raw
+    strings with the guide's OWN tokenizer. Holds tokenizers and the cache's path only, so DataLoader
+    workers can pickle it.
     """
 
-    def __init__(self, student_tokenizer, student_max_length: int, guide_tokenizer=None, guide_max_length: int | None = None):
+    def __init__(
+        self,
+        student_tokenizer,
+        student_max_length: int,
+        guide_tokenizer=None,
+        guide_max_length: int | None = None,
+        guide_cache=None,
+    ):
         self.student = (student_tokenizer, student_max_length)
         self.guide = (guide_tokenizer, guide_max_length) if guide_tokenizer is not None else None
+        self.guide_cache = guide_cache
 
     @staticmethod
     def _tokenize(tok, max_length: int, texts: list[str]):
         return dict(tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
 
+    def _cached_guide(self, text_ids: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        if self.guide_cache is None:
+            return None
+        for attempt in range(2):
+            out = {k: self.guide_cache.lookup(v) for k, v in text_ids.items()}
+            if all(v is not None for v in out.values()):
+                return out
+            if attempt == 0:
+                self.guide_cache.refresh()  # another process (the trainer, a rank) may have added segments
+        return None
+
     def __call__(self, rows: list[dict]) -> dict:
         texts = {BLOCKS[f]: [r[f] for r in rows] for f in TEXT_FIELDS if rows[0][f] is not None}
+        text_ids = {k: torch.tensor([text_id(t) for t in v]) for k, v in texts.items()}
         batch = {
             "task": rows[0]["task_name"],
             "size": len(rows),
             "texts": texts,
-            "text_ids": {k: torch.tensor([text_id(t) for t in v]) for k, v in texts.items()},
+            "text_ids": text_ids,
             "student": {k: self._tokenize(*self.student, v) for k, v in texts.items()},
             "guide": None,
+            "guide_emb": None,
         }
         if self.guide is not None:
-            batch["guide"] = {k: self._tokenize(*self.guide, v) for k, v in texts.items()}
+            batch["guide_emb"] = self._cached_guide(text_ids)
+            if batch["guide_emb"] is None:
+                batch["guide"] = {k: self._tokenize(*self.guide, v) for k, v in texts.items()}
         return batch
 
 

@@ -14,7 +14,9 @@ from pathlib import Path
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from gist.data import Collator, DataError, HubDataset, SameTaskBatches, StsCollator, open_hub_dataset, read_sts, validate_sources
+from gist.data import (
+    Collator, DataError, HubDataset, SameTaskBatches, StsCollator, iter_rows, open_hub_dataset, read_sts, validate_sources,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,7 @@ class GISTDataModule(LightningDataModule):
         self.val_sts_dir, self.val_split, self.val_batch_size = val_sts_dir, val_split, val_batch_size
         self.num_workers = num_workers
         self.collator: Collator | None = None
+        self._prefill = None
         self.sts_collator: StsCollator | None = None
         self.task_counts: dict[str, int] = {}
 
@@ -75,27 +78,37 @@ class GISTDataModule(LightningDataModule):
         if self.val_sts_dir is not None and not (Path(self.val_sts_dir) / f"{self.val_split}.jsonl").is_file():
             raise DataError(f"{Path(self.val_sts_dir) / f'{self.val_split}.jsonl'}: validation split not found")
 
-    def configure_tokenizers(self, student, guide=None) -> None:
-        """Tokenize for the student and, with its OWN tokenizer and max length, for the guide."""
+    def configure_encoders(self, student, guide=None, guide_cache=None, prefill_guide_cache: bool = False) -> None:
+        """Tokenize for the student and, with its OWN tokenizer and max length, for the guide; look up
+        guide embeddings in `guide_cache`, filled before training when `prefill_guide_cache`."""
         self.collator = Collator(
             student.tokenizer,
             student.max_length,
             guide.tokenizer if guide is not None else None,
             guide.max_length if guide is not None else None,
+            guide_cache=guide_cache if guide is not None else None,
         )
         self.sts_collator = StsCollator(student.tokenizer, student.max_length)
+        self._prefill = (guide, guide_cache) if prefill_guide_cache and guide is not None and guide_cache is not None else None
 
     def prepare_data(self) -> None:
-        # Runs once per node before setup: build the cached derived files (e.g. mining).
+        # Runs once per node before setup: build the cached derived files (e.g. mining), then embed
+        # every local training text the guide cache lacks, so no training step runs the guide.
         for source in self.derived:
             source.materialize(self.cache_dir)
+        if self._prefill is not None:
+            guide, cache = self._prefill
+            local = [s for s in self.sources() if not isinstance(s, HubDataset)]
+            texts = [r[f] for r in iter_rows(local, self.prepend_instructions) for f in ("query", "pos", "neg") if r[f]]
+            computed = cache.fill(guide, texts)
+            log.info("guide cache %s: %d texts computed, %d cached", cache.dir, computed, len(cache))
 
     def sources(self) -> list:
         return [*self.train_files, *self.hub_datasets, *(s.materialize(self.cache_dir) for s in self.derived)]
 
     def setup(self, stage: str | None = None) -> None:
         if self.collator is None:
-            raise RuntimeError("call configure_tokenizers(student, guide) before fitting")
+            raise RuntimeError("call configure_encoders(student, guide) before fitting")
         sources = self.sources()
         if self.validate_files:
             local = [s for s in sources if not isinstance(s, HubDataset)]

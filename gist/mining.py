@@ -125,6 +125,8 @@ class MinedTriplets:
         seed: GIST uses 1029.
         name: dataset name in task_name; default derived from the folder (banking77, emotion, ...).
         batch_size: encoding batch size.
+        guide_cache_dir: also store the mining embeddings in this guide-embedding cache
+            (gist/guide_cache.py), so training with the same guide does not embed these texts again.
     """
 
     def __init__(
@@ -139,11 +141,13 @@ class MinedTriplets:
         split: str = "train",
         name: str | None = None,
         batch_size: int = 64,
+        guide_cache_dir: str | None = None,
     ) -> None:
         self.task_dir = Path(task_dir)
         self.guide = dict(name=guide, revision=guide_revision, pooling=guide_pooling, max_length=guide_max_length)
         self.max_texts, self.seed, self.split, self.batch_size = max_texts, seed, split, batch_size
         self.name = name or task_slug(self.task_dir.name)
+        self.guide_cache_dir = guide_cache_dir
 
     @property
     def task_name(self) -> str:
@@ -164,6 +168,13 @@ class MinedTriplets:
         encoder = Encoder(**self.guide)
         log.info("mining %s: embedding %d texts with %s", self.task_name, len(texts), self.guide["name"])
         embeddings = encoder.encode(texts, batch_size=self.batch_size)
+        if self.guide_cache_dir is not None:
+            from gist.data import text_id
+            from gist.guide_cache import GuideCache
+
+            cache = GuideCache.for_encoder(self.guide_cache_dir, encoder)
+            cache.add([text_id(t) for t in texts], embeddings)
+            cache.flush()
         triplets = mine_triplets(embeddings, texts, labels, seed=self.seed)
         return [
             {"query": q, "pos": p, "neg": n, "task_name": self.task_name, "query_instruct": "",

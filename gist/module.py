@@ -30,6 +30,8 @@ class GISTModule(LightningModule):
     warmup_steps: linear warm-up from 0 to lr.
     schedule_steps: step at which the linear decay reaches 0; None = trainer.max_steps. GIST's released
         checkpoints stopped inside a much longer schedule, so this is separate from max_steps.
+    guide_cache: a `gist.guide_cache.GuideCache`; batches whose guide embeddings the collator found
+        there skip the guide forward, the others are computed live and written to it.
     """
 
     def __init__(
@@ -43,6 +45,7 @@ class GISTModule(LightningModule):
         eps: float = 1e-8,
         warmup_steps: int = 0,
         schedule_steps: int | None = None,
+        guide_cache=None,
     ) -> None:
         super().__init__()
         if getattr(loss, "requires_guide", False) and guide is None:
@@ -55,6 +58,7 @@ class GISTModule(LightningModule):
         self.student = student
         self.loss_fn = loss
         self.__dict__["guide"] = FrozenGuide(guide) if guide is not None and loss.requires_guide else None
+        self.guide_cache = guide_cache if self.guide is not None else None
         self.optim = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
         self.warmup_steps, self.schedule_steps = warmup_steps, schedule_steps
         self.val_spearman = SpearmanCorrCoef()
@@ -70,8 +74,8 @@ class GISTModule(LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         student = self._encode(self.student, batch["student"])
-        guide = self._encode(self.guide, batch["guide"]) if self.guide is not None else None
         ids = batch["text_ids"]
+        guide = self._guide_embeddings(batch)
         loss, stats = self.loss_fn(student, guide, (ids["anchor"], ids["positive"], ids.get("negative")))
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -83,6 +87,21 @@ class GISTModule(LightningModule):
         self.log("train/masked_frac", stats["masked_frac"], prog_bar=True, batch_size=B)
         self.log("train/effective_negatives", stats["effective_negatives"], batch_size=B)
         return loss
+
+    def _guide_embeddings(self, batch: dict) -> dict[str, torch.Tensor] | None:
+        if self.guide is None:
+            return None
+        if batch.get("guide_emb") is not None:  # from the cache: no guide forward in this step
+            return {k: v.to(self.device) for k, v in batch["guide_emb"].items()}
+        guide = self._encode(self.guide, batch["guide"])
+        if self.guide_cache is not None:
+            for block, emb in guide.items():
+                self.guide_cache.add(batch["text_ids"][block], emb)
+        return guide
+
+    def on_train_end(self) -> None:
+        if self.guide_cache is not None:
+            self.guide_cache.flush()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         e1, e2 = self.student(batch["sentence1"]), self.student(batch["sentence2"])

@@ -23,6 +23,7 @@ from lightning.pytorch import seed_everything  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from gist.export import export_sentence_transformer  # noqa: E402
+from gist.guide_cache import GuideCache  # noqa: E402
 from gist.module import GISTModule  # noqa: E402
 from gist.sts import sts_spearman  # noqa: E402
 
@@ -41,8 +42,10 @@ def train(cfg: DictConfig) -> float | None:
     loss = instantiate(cfg.loss)
     student = instantiate(cfg.model)
     guide = instantiate(cfg.guide) if cfg.get("guide") and loss.requires_guide else None
-    module = GISTModule(student, loss, guide, **cfg.optim)
-    datamodule.configure_tokenizers(student, guide)
+    cache_cfg = cfg.get("guide_cache") or {}
+    cache = GuideCache.for_encoder(cache_cfg.dir, guide, dtype=cache_cfg.dtype) if guide and cache_cfg.get("enabled") else None
+    module = GISTModule(student, loss, guide, guide_cache=cache, **cfg.optim)
+    datamodule.configure_encoders(student, guide, guide_cache=cache, prefill_guide_cache=bool(cache_cfg.get("prefill")))
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [lg for lg in (instantiate(c) for c in (cfg.get("logger") or {}).values()) if lg is not None]

@@ -16,7 +16,7 @@ def _fit(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, loss=None, ste
     student, guide = Encoder(str(tiny_student)), Encoder(str(tiny_guide))
     module = GISTModule(student, loss or GISTLoss(), guide, lr=1e-3, warmup_steps=1)
     dm = GISTDataModule(train_files=[str(gist_file)], batch_size=8, val_sts_dir=str(mteb_dir / "TinySTS"), val_batch_size=8)
-    dm.configure_tokenizers(student, module.guide)
+    dm.configure_encoders(student, module.guide)
     trainer = Trainer(
         default_root_dir=tmp_path, accelerator="cpu", max_steps=steps, val_check_interval=2, check_val_every_n_epoch=None,
         num_sanity_val_steps=0, logger=False, enable_progress_bar=False, gradient_clip_val=1.0,
