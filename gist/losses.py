@@ -262,12 +262,20 @@ def _check_temperature(temperature: float) -> None:
         raise ValueError(f"loss.temperature must be > 0 (GIST uses 0.01), got {temperature}")
 
 
+def _check_mini_batch(mini_batch_size: int | None) -> int | None:
+    if mini_batch_size is not None and mini_batch_size < 1:
+        raise ValueError(f"loss.mini_batch_size must be >= 1 (GradCache) or null (plain), got {mini_batch_size}")
+    return mini_batch_size
+
+
 class GISTLoss(nn.Module):
     """`gist_loss` with fixed hyper-parameters. Inputs: dicts of anchor/positive/negative embeddings for
     the student (B, d) and the guide, and optional text ids; returns (loss, stats).
 
     Recommendations: temperature 0.01 (GIST v0); margin 0 unless the guide is much weaker than the
-    student; mask_duplicate_texts when a task repeats texts (e.g. symmetric pairs)."""
+    student; mask_duplicate_texts when a task repeats texts (e.g. symmetric pairs).
+    mini_batch_size: when set, the training step uses GradCache (gist/gradcache.py): the loss over the
+    whole batch, student activations for `mini_batch_size` texts at a time (`loss=gist_cached`)."""
 
     requires_guide = True
 
@@ -280,9 +288,11 @@ class GISTLoss(nn.Module):
         contrast_positives: bool = True,
         mask_self_pairs: bool = False,
         mask_duplicate_texts: bool = False,
+        mini_batch_size: int | None = None,
     ) -> None:
         super().__init__()
         _check_temperature(temperature)
+        self.mini_batch_size = _check_mini_batch(mini_batch_size)
         if margin_strategy not in ("absolute", "relative"):
             raise ValueError(f"loss.margin_strategy must be 'absolute' or 'relative', got {margin_strategy!r}")
         self.kwargs = dict(
@@ -320,9 +330,11 @@ class NoGuideLoss(nn.Module):
         contrast_anchors: bool = True,
         contrast_positives: bool = True,
         mask_duplicate_texts: bool = False,
+        mini_batch_size: int | None = None,
     ) -> None:
         super().__init__()
         _check_temperature(temperature)
+        self.mini_batch_size = _check_mini_batch(mini_batch_size)
         self.kwargs = dict(temperature=temperature, contrast_anchors=contrast_anchors, contrast_positives=contrast_positives)
         self.mask_duplicate_texts = mask_duplicate_texts
 
@@ -342,9 +354,10 @@ class MNRLLoss(nn.Module):
 
     requires_guide = False
 
-    def __init__(self, temperature: float = 0.05, mask_duplicate_texts: bool = False) -> None:
+    def __init__(self, temperature: float = 0.05, mask_duplicate_texts: bool = False, mini_batch_size: int | None = None) -> None:
         super().__init__()
         _check_temperature(temperature)
+        self.mini_batch_size = _check_mini_batch(mini_batch_size)
         self.temperature = temperature
         self.mask_duplicate_texts = mask_duplicate_texts
 

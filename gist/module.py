@@ -19,6 +19,7 @@ from torch import nn
 from torchmetrics.regression import SpearmanCorrCoef
 
 from gist.encoder import Encoder, FrozenGuide
+from gist.gradcache import cached_loss
 
 
 class GISTModule(LightningModule):
@@ -73,10 +74,17 @@ class GISTModule(LightningModule):
         return {block: encoder(inputs) for block, inputs in features.items()}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        student = self._encode(self.student, batch["student"])
         ids = batch["text_ids"]
+        text_ids = (ids["anchor"], ids["positive"], ids.get("negative"))
         guide = self._guide_embeddings(batch)
-        loss, stats = self.loss_fn(student, guide, (ids["anchor"], ids["positive"], ids.get("negative")))
+        mini_batch_size = getattr(self.loss_fn, "mini_batch_size", None)
+        if mini_batch_size:  # GradCache: same loss and gradients, activations of one mini-batch at a time
+            loss, stats = cached_loss(
+                self.student, batch["student"], lambda student: self.loss_fn(student, guide, text_ids), mini_batch_size
+            )
+        else:
+            student = self._encode(self.student, batch["student"])
+            loss, stats = self.loss_fn(student, guide, text_ids)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite training loss {loss.item()} at step {self.global_step} (task {batch['task']!r}); "

@@ -39,7 +39,11 @@ def make_tiny_bert(path: Path, hidden: int = 32, layers: int = 2, pooling: str =
     path.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(WORDS)), *"abcdefghijklmnopqrstuvwxyz.,!?'"]
     (path / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
-    BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True).save_pretrained(path)
+    tokenizer = BertTokenizerFast(vocab=str(path / "vocab.txt"), do_lower_case=True)
+    # Regression: transformers 5 ignores `vocab_file=`, leaving a 5-token vocab that maps every word to
+    # [UNK] (all texts embed identically and the end-to-end tests silently test nothing).
+    assert tokenizer.tokenize("the cat plays piano") == ["the", "cat", "plays", "piano"]
+    tokenizer.save_pretrained(path)
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=len(dict.fromkeys(vocab)), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,

@@ -43,7 +43,7 @@ def test_fast_dev_run(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir):
     train_script.train(cfg)
 
 
-@pytest.mark.parametrize("overrides", [["loss=mnrl", "guide=none"], ["loss=no_guide", "guide=none"], ["loss.margin=0.05", "loss.mask_self_pairs=true"]])
+@pytest.mark.parametrize("overrides", [["loss=mnrl", "guide=none"], ["loss=no_guide", "guide=none"], ["loss.margin=0.05", "loss.mask_self_pairs=true"], ["loss=gist_cached", "loss.mini_batch_size=3"]])
 def test_fast_dev_run_loss_variants(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, overrides):
     cfg = tiny_cfg(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, ["debug=fdr", *overrides])
     train_script.train(cfg)
