@@ -15,7 +15,9 @@ export HF_DATASETS_OFFLINE ?= $(HF_HUB_OFFLINE)
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup train test test-slow test-all clean
+BENCH_OUT ?= bench.json
+
+.PHONY: setup train test test-slow test-all bench clean
 
 # torch is pinned in the SAME pip command as everything else: unpinned, pip pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml requirements.lock
@@ -37,6 +39,10 @@ test-slow: setup
 
 test-all: setup
 	WANDB_MODE=offline $(PY) -m pytest -m "slow or not slow" $(PYTEST_ARGS)
+
+# Our training step vs sentence-transformers' trainer on this machine (docs/PERFORMANCE.md).
+bench: setup
+	$(PY) scripts/bench.py --out $(BENCH_OUT)
 
 clean:
 	rm -rf .cache .pytest_cache logs outputs multirun wandb

@@ -126,3 +126,21 @@ def test_mining_fills_the_guide_cache(tmp_path, mteb_dir, tiny_guide):
     cache = GuideCache.for_encoder(tmp_path / "g", Encoder(str(tiny_guide)))
     texts, _ = read_classification(mteb_dir / "TinyTopicClassification")
     assert cache.lookup([text_id(t) for t in texts]) is not None
+
+
+def test_cache_guide_script_fills_what_training_looks_up(tmp_path, tiny_student, tiny_guide, gist_file, gist_rows, mteb_dir):
+    import importlib.util
+    from pathlib import Path
+
+    from tests.test_train import tiny_cfg
+
+    spec = importlib.util.spec_from_file_location("cache_guide", Path(__file__).resolve().parents[1] / "scripts" / "cache_guide.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    cfg = tiny_cfg(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir)
+    cache = script.fill_cache(cfg, chunk=50)
+    texts = {t for r in gist_rows for t in (r["query"], r["pos"], r["neg"]) if t}
+    assert len(cache) == len(texts)
+    assert cache.lookup([text_id(t) for t in texts]) is not None
+    again = script.fill_cache(cfg)
+    assert len(again) == len(texts)  # nothing recomputed or duplicated
