@@ -135,9 +135,9 @@ def compare(name: str, batch: int, ours: list[float], st: list[float], **extra) 
 
 
 def memory_child(kind: str, batch: int, mini: int) -> None:
-    """Run 2 training steps in this (fresh) process and print its peak RSS in MiB."""
+    """Run one training step in this (fresh) process and print its peak RSS in MiB."""
     pairs = bench_pairs(batch * 2)
-    ours_step_time(pairs, MINILM, MINILM, batch, steps=2, warmup=0, mini_batch_size=mini if kind == "gradcache" else None)
+    ours_step_time(pairs, MINILM, MINILM, batch, steps=1, warmup=0, mini_batch_size=mini if kind == "gradcache" else None)
     print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 

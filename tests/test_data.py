@@ -134,3 +134,27 @@ def test_batches_are_sharded_across_workers(gist_file):
     loader = DataLoader(ds, batch_size=None, num_workers=2, collate_fn=lambda b: tuple(r["query"] for r in b))
     got = sorted(loader)
     assert got == sorted(tuple(r["query"] for r in b) for b in ds)
+
+
+def test_hub_dataset_streams_through_the_same_batching(tmp_path, gist_rows, monkeypatch):
+    """The hub path (`datasets.load_dataset(..., streaming=True)`) yields the same batches as the files;
+    the hub itself is replaced by a local parquet dataset (tests never touch the network)."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from gist.data import HubDataset
+
+    pq.write_table(pa.Table.from_pylist(gist_rows), tmp_path / "train.parquet")
+    calls = []
+    real = datasets.load_dataset
+
+    def fake_load(path, name=None, revision=None, split=None, streaming=False):
+        calls.append((path, revision, split, streaming))
+        return real("parquet", data_files=str(tmp_path / "train.parquet"), split=split, streaming=True)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    hub = HubDataset("org/data", revision="abc123", split="train")
+    from_hub = [[r["query"] for r in b] for b in _all_batches([hub])]
+    from_file = [[r["query"] for r in b] for b in _all_batches([tmp_path / "train.parquet"])]
+    assert from_hub == from_file and calls[0] == ("org/data", "abc123", "train", True)
