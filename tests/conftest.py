@@ -39,7 +39,10 @@ def make_tiny_bert(path: Path, hidden: int = 32, layers: int = 2, pooling: str =
     path.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(WORDS)), *"abcdefghijklmnopqrstuvwxyz.,!?'"]
     (path / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
-    BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True).save_pretrained(path)
+    # transformers 5 ignores `vocab_file=` (the tokenizer silently had 5 tokens and read every word as
+    # [UNK], so all texts of one length embedded identically); `vocab=` is its argument.
+    ids = {token: i for i, token in enumerate(dict.fromkeys(vocab))}
+    BertTokenizerFast(vocab=ids, do_lower_case=True).save_pretrained(path)
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=len(dict.fromkeys(vocab)), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
