@@ -116,5 +116,9 @@ def mteb_dir(tmp_path_factory) -> Path:
     rows.append({"text": "lonely singleton", "label": 7, "label_text": "single"})
     rows.append({"text": "   ", "label": 0, "label_text": "alpha"})
     write_jsonl(root / "TinyTopicClassification" / "train.jsonl", rows)
+    write_jsonl(root / "TinyTopicClassification" / "test.jsonl", [
+        {"text": f"{labels[i % 3]} " + _sentence(rng), "label": i % 3, "label_text": labels[i % 3]} for i in range(24)
+    ])
     (root / "TinyTopicClassification" / "meta.json").write_text(json.dumps({"task": "TinyTopicClassification", "type": "Classification"}))
     return root
+
