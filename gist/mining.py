@@ -11,12 +11,18 @@ Deterministic for a given seed (1029), guide and input. `task_name = mteb-<name>
 
 `StsPairs`: STS pairs with score >= min_score as a symmetric pair task (no hard negative).
 
+Both take `exclude_eval_of` (a folder of task folders): texts that occur, after `gist.leakage.normalize`,
+in any of its evaluation splits are dropped BEFORE mining, so no training row contains an evaluation
+text. STSBenchmark reuses sentences across its splits (89 distinct test sentences are in its train pairs
+with score >= 4) and a few classification texts recur across splits: see LOG.md.
+
 Both write GIST-schema jsonl under a cache folder keyed by every argument that changes the output,
 so a second run reuses the file. CLI: scripts/mine_triplets.py.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -40,6 +46,23 @@ def task_slug(folder_name: str) -> str:
 
 def _key(**kwargs) -> str:
     return hashlib.sha256(json.dumps(kwargs, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _excluded(exclude_eval_of: str | None) -> tuple[frozenset[str], str | None]:
+    """(normalised evaluation texts, their digest for cache keys); empty when nothing is excluded."""
+    if exclude_eval_of is None:
+        return frozenset(), None
+    # Every derived source asks (for its cache key, then to filter): read the splits once per content.
+    stamp = tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(Path(exclude_eval_of).glob("*/*.json*")))
+    return _excluded_cached(str(exclude_eval_of), stamp)
+
+
+@functools.lru_cache(maxsize=4)
+def _excluded_cached(exclude_eval_of: str, stamp: tuple) -> tuple[frozenset[str], str]:
+    from gist.leakage import eval_keys
+
+    keys = frozenset(eval_keys(exclude_eval_of))
+    return keys, hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:12]
 
 
 def _file_digest(path: Path) -> str:
@@ -127,6 +150,7 @@ class MinedTriplets:
         batch_size: encoding batch size.
         guide_cache_dir: also store the mining embeddings in this guide-embedding cache
             (gist/guide_cache.py), so training with the same guide does not embed these texts again.
+        exclude_eval_of: folder of task folders whose evaluation-split texts are removed before mining.
     """
 
     def __init__(
@@ -142,8 +166,10 @@ class MinedTriplets:
         name: str | None = None,
         batch_size: int = 64,
         guide_cache_dir: str | None = None,
+        exclude_eval_of: str | None = None,
     ) -> None:
         self.task_dir = Path(task_dir)
+        self.exclude_eval_of = exclude_eval_of
         self.guide = dict(name=guide, revision=guide_revision, pooling=guide_pooling, max_length=guide_max_length)
         self.max_texts, self.seed, self.split, self.batch_size = max_texts, seed, split, batch_size
         self.name = name or task_slug(self.task_dir.name)
@@ -155,13 +181,21 @@ class MinedTriplets:
 
     def cache_path(self, cache_dir: str | Path) -> Path:
         data = _file_digest(self.task_dir / f"{self.split}.jsonl")
-        key = _key(guide=self.guide, max_texts=self.max_texts, seed=self.seed, data=data, name=self.name, v=1)
+        extra = {"exclude": _excluded(self.exclude_eval_of)[1]} if self.exclude_eval_of else {}
+        key = _key(guide=self.guide, max_texts=self.max_texts, seed=self.seed, data=data, name=self.name, v=1, **extra)
         return Path(cache_dir) / "mined" / f"{self.task_name}-{key}.jsonl"
 
     def build(self) -> list[dict]:
         from gist.encoder import Encoder
 
         texts, labels = read_classification(self.task_dir, self.split)
+        excluded, _ = _excluded(self.exclude_eval_of)
+        if excluded:
+            from gist.leakage import normalize
+
+            keep = [i for i, t in enumerate(texts) if normalize(t) not in excluded]
+            log.info("%s: dropped %d train texts that occur in evaluation splits", self.task_name, len(texts) - len(keep))
+            texts, labels = [texts[i] for i in keep], [labels[i] for i in keep]
         if self.max_texts is not None and self.max_texts < len(texts):
             pick = np.sort(np.random.default_rng(self.seed).choice(len(texts), self.max_texts, replace=False))
             texts, labels = [texts[i] for i in pick], [labels[i] for i in pick]
@@ -191,15 +225,23 @@ class MinedTriplets:
 
 
 class StsPairs:
-    """STS pairs with score >= min_score as a symmetric pair task (query=sentence1, pos=sentence2)."""
+    """STS pairs with score >= min_score as a symmetric pair task (query=sentence1, pos=sentence2);
+    with `exclude_eval_of`, pairs with a sentence of an evaluation split are dropped."""
 
-    def __init__(self, task_dir: str, split: str = "train", min_score: float = 4.0, task_name: str | None = None):
+    def __init__(self, task_dir: str, split: str = "train", min_score: float = 4.0, task_name: str | None = None,
+                 exclude_eval_of: str | None = None):
         self.task_dir, self.split, self.min_score = Path(task_dir), split, min_score
         self.task_name = task_name or f"{task_slug(self.task_dir.name)}-pairs"
+        self.exclude_eval_of = exclude_eval_of
 
     def build(self) -> list[dict]:
+        from gist.leakage import normalize
+
+        excluded, _ = _excluded(self.exclude_eval_of)
         rows = []
         for s1, s2, score in zip(*read_sts(self.task_dir, self.split)):
+            if excluded and (normalize(s1) in excluded or normalize(s2) in excluded):
+                continue
             if score >= self.min_score and s1.strip() and s2.strip() and s1 != s2:
                 rows.append({"query": s1, "pos": s2, "neg": None, "task_name": self.task_name,
                              "query_instruct": "", "pos_instruct": "", "neg_instruct": "", "symmetric": True})
@@ -207,7 +249,8 @@ class StsPairs:
 
     def materialize(self, cache_dir: str | Path) -> Path:
         data = _file_digest(self.task_dir / f"{self.split}.jsonl")
-        key = _key(data=data, min_score=self.min_score, name=self.task_name, v=1)
+        extra = {"exclude": _excluded(self.exclude_eval_of)[1]} if self.exclude_eval_of else {}
+        key = _key(data=data, min_score=self.min_score, name=self.task_name, v=1, **extra)
         path = Path(cache_dir) / "derived" / f"{self.task_name}-{key}.jsonl"
         if not path.exists():
             _write_jsonl(self.build(), path)

@@ -5,7 +5,8 @@
     python scripts/train.py loss=mnrl guide=none optim.lr=1e-5
     python scripts/train.py -m optim.lr=1e-5,5e-6 loss.temperature=0.01,0.05   # a sweep
 
-Reads top to bottom: seed, instantiate, wire, fit, export, compare, return the metric.
+Reads top to bottom: seed, instantiate, wire, fit, export, compare (base vs fine-tuned on the MTEB
+task folders of compare_tasks_dir), return the metric.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from gist.export import export_sentence_transformer  # noqa: E402
 from gist.guide_cache import GuideCache  # noqa: E402
 from gist.module import GISTModule  # noqa: E402
-from gist.sts import sts_spearman  # noqa: E402
+from gist.evaluation import comparison_title, compare_models, encoder_model, markdown_table, pretrained_model  # noqa: E402
+from gist.mteb_tasks import load_tasks  # noqa: E402
+from gist.runs import Run  # noqa: E402
 
 log = logging.getLogger("gist.train")
 
@@ -66,18 +69,24 @@ def train(cfg: DictConfig) -> float | None:
     if trainer.is_global_zero and cfg.get("export"):
         path = export_sentence_transformer(module.student.cpu(), output_dir / "model")
         log.info("exported sentence-transformers model: %s", path)
-        if cfg.get("compare_sts_dir"):
-            base = instantiate(cfg.model)
-            scores = {
-                "base": sts_spearman(base, cfg.compare_sts_dir, "test"),
-                "fine_tuned": sts_spearman(module.student.eval(), cfg.compare_sts_dir, "test"),
-            }
-            (output_dir / "sts_test.json").write_text(OmegaConf.to_yaml(scores))
-            name = Path(cfg.compare_sts_dir).name
-            print(f"\n{name} test cosine Spearman x100: base {scores['base']:.2f} -> fine-tuned "
-                  f"{scores['fine_tuned']:.2f} ({scores['fine_tuned'] - scores['base']:+.2f})")
-            print(f"model: {path}\n")
+        if cfg.get("compare_tasks_dir"):
+            compare_on_tasks(cfg, module.student.eval(), output_dir, best or None, trainer.global_step)
+        print(f"model: {path}\n")
     return metrics.get(cfg.optimized_metric)
+
+
+def compare_on_tasks(cfg: DictConfig, student, output_dir: Path, best_ckpt: str | None, last_step: int) -> None:
+    """Base vs fine-tuned on every task folder of cfg.compare_tasks_dir (mteb's evaluators), printed and
+    saved as <run_dir>/eval/comparison.{json,md}; the base model's results are reused across runs."""
+    # The exported student is the best checkpoint's when there is one, else the last step's.
+    step = int(torch.load(best_ckpt, map_location="cpu", weights_only=True, mmap=True)["global_step"]) if best_ckpt else last_step
+    base = pretrained_model(instantiate(cfg.model))
+    fine_tuned = encoder_model(student, name=Run(output_dir).id, step=step, source=str(output_dir / "model"))
+    rows = compare_models(base, fine_tuned, load_tasks(cfg.compare_tasks_dir), output_dir / "eval",
+                          base_cache_dir=Path(cfg.paths.cache_dir) / "eval")
+    print(f"\n{comparison_title(base.identity(), fine_tuned.identity())}, tasks in {cfg.compare_tasks_dir}:")
+    print(markdown_table(rows), end="")
+    print(f"table: {output_dir / 'eval' / 'comparison.md'}")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

@@ -117,5 +117,33 @@ def mteb_dir(tmp_path_factory) -> Path:
     rows.append({"text": "lonely singleton", "label": 7, "label_text": "single"})
     rows.append({"text": "   ", "label": 0, "label_text": "alpha"})
     write_jsonl(root / "TinyTopicClassification" / "train.jsonl", rows)
+    write_jsonl(root / "TinyTopicClassification" / "test.jsonl", [
+        {"text": f"{labels[i % 3]} " + _sentence(rng), "label": i % 3, "label_text": labels[i % 3]} for i in range(24)
+    ])
     (root / "TinyTopicClassification" / "meta.json").write_text(json.dumps({"task": "TinyTopicClassification", "type": "Classification"}))
     return root
+
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory, tiny_student, tiny_guide, gist_rows, mteb_dir) -> Path:
+    """A log dir with two tiny training runs in Hydra's layout (4 steps each, tiny BERTs, end-of-run
+    evaluation on `mteb_dir`): tiny/runs/<time>/ and the multirun job tiny/multiruns/<time>/0/."""
+    from omegaconf import open_dict
+
+    from tests.test_train import tiny_cfg, train_script
+
+    root = tmp_path_factory.mktemp("tiny_runs")
+    gist_file = write_jsonl(root / "train.jsonl", gist_rows)
+    logs = root / "logs"
+    layout = {
+        "runs/2026-01-01_00-00-00": ["tags=[tiny,single]"],
+        "multiruns/2026-01-02_00-00-00/0": ["tags=[tiny,sweep]", "optim.lr=3e-3"],
+    }
+    for sub, overrides in layout.items():
+        cfg = tiny_cfg(root / sub, tiny_student, tiny_guide, gist_file, mteb_dir, ["task_name=tiny", *overrides])
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(logs / "tiny" / sub)
+            cfg.paths.cache_dir = str(root / "cache")
+        train_script.train(cfg)
+    return logs

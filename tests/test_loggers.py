@@ -33,7 +33,7 @@ def test_mode_is_offline_without_a_key(monkeypatch, tmp_path):
 def test_training_writes_an_offline_wandb_run(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir):
     from tests.test_train import tiny_cfg, train_script
 
-    cfg = tiny_cfg(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, ["logger=default", "export=false", "compare_sts_dir=null"])
+    cfg = tiny_cfg(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, ["logger=default", "export=false", "compare_tasks_dir=null"])
     train_script.train(cfg)
     runs = list((Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))

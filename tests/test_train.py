@@ -26,7 +26,7 @@ def tiny_cfg(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, overrides=
         f"data.val_sts_dir={mteb_dir / 'TinySTS'}", "data.val_batch_size=8",
         f"model.name={tiny_student}", "model.max_length=32",
         *guide,
-        f"compare_sts_dir={mteb_dir / 'TinySTS'}", "logger=csv",
+        f"compare_tasks_dir={mteb_dir}", "logger=csv",
         "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1", "optim.warmup_steps=1", "optim.lr=1e-3",
         *overrides,
     ])
@@ -68,9 +68,15 @@ def test_train_exports_a_sentence_transformers_model_with_identical_embeddings(t
     metrics = (run / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
     for name in ("train/loss", "train/masked_frac", "train/effective_negatives", "lr", "train/samples_per_s", "val/stsb_spearman"):
         assert name in metrics
+    # The end-of-run table: base vs fine-tuned on every task folder of compare_tasks_dir, printed and saved.
     out = capsys.readouterr().out
-    assert "TinySTS test cosine Spearman x100: base" in out
-    assert json.loads(json.dumps(sorted((run / "sts_test.json").read_text().split())))
+    assert "MTEB main score x100: base" in out and "| task | base | fine_tuned | delta |" in out
+    comparison = json.loads((run / "eval" / "comparison.json").read_text())
+    assert [r["task"] for r in comparison["rows"]] == ["TinySTS", "TinyTopicClassification", "mean"]
+    for row in comparison["rows"][:2]:
+        assert f"| {row['task']} | {row['base']:.2f} | {row['fine_tuned']:.2f} | {row['delta']:+.2f} |" in out
+    assert comparison["fine_tuned"]["step"] == int(next((run / "checkpoints").glob("step*.ckpt")).stem[4:10])
+    assert (run / "eval" / "comparison.md").read_text().count("\n| Tiny") == 2
 
     # The exported folder is the BEST checkpoint's student, loadable exactly as in the README snippet.
     model = SentenceTransformer(str(run / "model"))
