@@ -20,6 +20,7 @@ Published scores in `<data_dir>/reference_scores.json` for the model are printed
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -80,6 +81,10 @@ def main(argv: list[str]) -> dict[str, float]:
     if cfg.data_dir:
         tasks = load_tasks(cfg.data_dir, cfg.tasks)
     elif cfg.tasks:
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+            sys.exit(f"tasks={cfg.tasks} without data_dir loads MTEB's data from the Hugging Face hub, but "
+                     "HF_HUB_OFFLINE is set: unset it (with network access), or evaluate local task folders "
+                     "with data_dir=data/mteb")
         tasks = hub_tasks(cfg.tasks)
     else:
         sys.exit("pass data_dir=<folder of task folders> (e.g. data/mteb) or tasks=[...] of MTEB's hub tasks")
