@@ -2,7 +2,8 @@
 
 Every evaluated model carries an explicit name and revision: a hub commit for hub models, a digest of
 the weights (plus the checkpoint step when known) for local folders, run checkpoints and in-memory
-students. mteb keys its result cache by name + revision, so two checkpoints can never share results.
+students. mteb's result cache and ours (`evaluate(cache_dir=...)`) are keyed by name + revision, so
+two checkpoints can never share results.
 Encoding goes through `gist.encoder.Encoder.encode` (length-sorted batches, inference mode).
 
     from gist.evaluation import resolve_model, evaluate, main_scores
@@ -29,7 +30,6 @@ import torch
 
 from gist.encoder import Encoder
 
-log = logging.getLogger(__name__)
 
 
 @dataclass

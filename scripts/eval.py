@@ -11,13 +11,16 @@ Options (key=value): model (run dir | sentence-transformers folder | hub id), re
 task folders: `<Task>/<split>.jsonl` + meta.json; none: MTEB's hub tasks), tasks (list; default all
 under data_dir), output (JSON {task: main score x 100}; `<stem>.details.json` beside it holds every
 metric, the mteb version and the model's name/revision/step; default for a run dir:
-`<run>/eval/<checkpoint or fine_tuned>.json`), batch_size, cache_dir (mteb's result cache; default none).
+`<run>/eval/<checkpoint file name or fine_tuned>.json`), batch_size, cache_dir (reuse per-task
+results saved there, keyed by model name + revision, data digest, mteb version and protocol; default
+none: everything is evaluated afresh).
 Published scores in `<data_dir>/reference_scores.json` for the model are printed beside ours.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -27,7 +30,7 @@ from omegaconf import OmegaConf
 
 from gist.evaluation import evaluate, main_scores, markdown_table, reference_scores, resolve_model, write_results
 from gist.mteb_tasks import hub_tasks, load_tasks
-from gist.runs import is_run_dir
+from gist.runs import is_run_dir, load_run
 
 log = logging.getLogger("gist.eval")
 
@@ -64,7 +67,9 @@ def default_output(cfg: EvalConfig) -> Path:
     if cfg.output:
         return Path(cfg.output)
     if is_run_dir(cfg.model):
-        return Path(cfg.model) / "eval" / f"{cfg.checkpoint or 'fine_tuned'}.json"
+        # Checkpoints are filed under their file name (as notebooks/compare_checkpoints.ipynb expects).
+        label = load_run(cfg.model).checkpoint(cfg.checkpoint).label if cfg.checkpoint else "fine_tuned"
+        return Path(cfg.model) / "eval" / f"{label}.json"
     sys.exit("output=<file.json> is required unless model is a run directory")
 
 
@@ -76,6 +81,10 @@ def main(argv: list[str]) -> dict[str, float]:
     if cfg.data_dir:
         tasks = load_tasks(cfg.data_dir, cfg.tasks)
     elif cfg.tasks:
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+            sys.exit(f"tasks={cfg.tasks} without data_dir loads MTEB's data from the Hugging Face hub, but "
+                     "HF_HUB_OFFLINE is set: unset it (with network access), or evaluate local task folders "
+                     "with data_dir=data/mteb")
         tasks = hub_tasks(cfg.tasks)
     else:
         sys.exit("pass data_dir=<folder of task folders> (e.g. data/mteb) or tasks=[...] of MTEB's hub tasks")

@@ -189,6 +189,8 @@ def test_eval_cli_writes_scores_and_details(tiny_student, mteb_dir, tmp_path, ca
         eval_script.main([f"model={tiny_student}", f"data_dir={mteb_dir}"])
     with pytest.raises(SystemExit, match="bad arguments"):
         eval_script.main([f"model={tiny_student}", "no_such_option=1"])
+    with pytest.raises(SystemExit, match="HF_HUB_OFFLINE is set"):  # hub tasks need the network
+        eval_script.main([f"model={tiny_student}", "tasks=[STSBenchmark]", f"output={out}"])
 
 
 @pytest.mark.skipif(not installed()[MINILM], reason="offline models not laid out (make setup)")

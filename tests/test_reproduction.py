@@ -1,5 +1,6 @@
 """The harness reproduces the published MTEB scores of the two offline models on all five shipped tasks
-(slow: about 2.5 min for all-MiniLM-L6-v2 and 10 min for all-mpnet-base-v2 on 2 idle cores; LOG.md)."""
+(slow; measured on 2 shared cores: all-MiniLM-L6-v2 130 s idle to 427 s contended, all-mpnet-base-v2
+16-23 min contended; LOG.md)."""
 
 from __future__ import annotations
 

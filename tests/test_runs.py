@@ -93,3 +93,6 @@ def test_eval_cli_on_a_run_dir_files_results_in_the_run(tiny_runs, mteb_dir):
     scores = eval_script.main([f"model={run.path}", "checkpoint=last", f"data_dir={mteb_dir}", "tasks=[TinySTS]"])
     assert json.loads((run.path / "eval" / "last.json").read_text()) == scores
     assert run.details("last")["model"]["name"] == run.id
+    best = run.checkpoint("best").label
+    eval_script.main([f"model={run.path}", "checkpoint=best", f"data_dir={mteb_dir}", "tasks=[TinySTS]"])
+    assert run.details(best)["model"]["step"] == run.checkpoint("best").step  # filed under the file name
