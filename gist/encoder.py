@@ -164,6 +164,43 @@ class Encoder(nn.Module):
         return out
 
 
+def is_right_padded(attention_mask: Tensor) -> bool:
+    """True when every row is ones then zeros, so trimming columns past a row's length loses nothing."""
+    lengths = attention_mask.sum(1, keepdim=True)
+    positions = torch.arange(1, attention_mask.size(1) + 1, device=attention_mask.device)
+    return bool((attention_mask.cumsum(1) == torch.minimum(positions, lengths)).all())
+
+
+def encode_blocks(encoder: nn.Module, blocks: dict[str, dict[str, Tensor]], bucket_size: int | None = None) -> dict[str, Tensor]:
+    """Embed several tokenized blocks (anchor / positive / negative) -> {block: (B, d)}.
+
+    bucket_size None: one forward per block, padded to the block's longest text. Otherwise the texts of
+    ALL blocks are sorted by length and embedded `bucket_size` at a time, each bucket trimmed to its own
+    longest text: the same embeddings (padded keys get zero attention weight; they differ only by float
+    summation order) and gradients, for fewer padded tokens. Needs right padding (BERT, MPNet); with
+    left-padded inputs it falls back to one forward per block.
+    """
+    if not bucket_size:
+        return {block: encoder(features) for block, features in blocks.items()}
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in next(iter(blocks.values()))]
+    width = max(f["attention_mask"].size(1) for f in blocks.values())
+    padded = {
+        k: torch.cat([F.pad(f[k], (0, width - f[k].size(1))) for f in blocks.values()]) for k in keys
+    }  # pad id 0: padded positions are masked out of attention and pooling, their ids never matter
+    mask = padded["attention_mask"]
+    lengths = mask.sum(1)
+    if not is_right_padded(mask):
+        return {block: encoder(features) for block, features in blocks.items()}
+    order = torch.argsort(lengths, descending=True, stable=True)
+    embs = []
+    for idx in order.split(bucket_size):
+        longest = int(lengths[idx].max())
+        embs.append(encoder({k: v[idx, :longest] for k, v in padded.items()}))
+    out = torch.cat(embs)[torch.argsort(order)]  # back to block order; gradients flow to every bucket
+    sizes = [f["attention_mask"].size(0) for f in blocks.values()]
+    return dict(zip(blocks, out.split(sizes)))
+
+
 class FrozenGuide(nn.Module):
     """The guide, frozen in this one place: eval mode for good (dropout off), requires_grad False,
     no-grad encoding. The training module keeps it out of its parameters, the optimizer and checkpoints.

@@ -18,6 +18,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from gist.encoder import is_right_padded
+
 
 class RngState:
     """The CPU and CUDA RNG states at one moment, to re-run a forward pass with identical dropout."""
@@ -37,8 +39,14 @@ class RngState:
 
 
 def _chunks(features: dict[str, Tensor], size: int) -> list[dict[str, Tensor]]:
-    n = next(iter(features.values())).size(0)
-    return [{k: v[i : i + size] for k, v in features.items()} for i in range(0, n, size)]
+    """Mini-batches of a tokenized block; with right padding each is trimmed to its longest text."""
+    mask = features["attention_mask"]
+    n, trim = mask.size(0), is_right_padded(mask)
+    chunks = []
+    for i in range(0, n, size):
+        width = int(mask[i : i + size].sum(1).max()) if trim else mask.size(1)
+        chunks.append({k: v[i : i + size, :width] if v.dim() == 2 else v[i : i + size] for k, v in features.items()})
+    return chunks
 
 
 def embed_without_graph(encoder: nn.Module, features: dict[str, Tensor], mini_batch_size: int) -> tuple[Tensor, list[RngState]]:

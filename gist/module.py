@@ -18,7 +18,7 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torchmetrics.regression import SpearmanCorrCoef
 
-from gist.encoder import Encoder, FrozenGuide
+from gist.encoder import Encoder, FrozenGuide, encode_blocks
 from gist.gradcache import cached_loss
 
 
@@ -33,6 +33,10 @@ class GISTModule(LightningModule):
         checkpoints stopped inside a much longer schedule, so this is separate from max_steps.
     guide_cache: a `gist.guide_cache.GuideCache`; batches whose guide embeddings the collator found
         there skip the guide forward, the others are computed live and written to it.
+    bucket_size: embed the texts of all blocks of a step in length-sorted buckets of this many texts,
+        each padded only to its own longest text (same embeddings and gradients, fewer padded tokens;
+        see gist.encoder.encode_blocks). None: one forward per block. Applies to the student and the
+        live guide; GradCache (loss mini_batch_size) keeps its own mini-batches.
     """
 
     def __init__(
@@ -47,6 +51,7 @@ class GISTModule(LightningModule):
         warmup_steps: int = 0,
         schedule_steps: int | None = None,
         guide_cache=None,
+        bucket_size: int | None = None,
     ) -> None:
         super().__init__()
         if getattr(loss, "requires_guide", False) and guide is None:
@@ -62,6 +67,9 @@ class GISTModule(LightningModule):
         self.guide_cache = guide_cache if self.guide is not None else None
         self.optim = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
         self.warmup_steps, self.schedule_steps = warmup_steps, schedule_steps
+        if bucket_size is not None and bucket_size < 1:
+            raise ValueError(f"bucket_size must be >= 1 or null, got {bucket_size}")
+        self.bucket_size = bucket_size
         self.val_spearman = SpearmanCorrCoef()
 
     def _apply(self, fn, *args, **kwargs):
@@ -71,7 +79,7 @@ class GISTModule(LightningModule):
         return self
 
     def _encode(self, encoder: nn.Module, features: dict) -> dict[str, torch.Tensor]:
-        return {block: encoder(inputs) for block, inputs in features.items()}
+        return encode_blocks(encoder, features, self.bucket_size)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         ids = batch["text_ids"]

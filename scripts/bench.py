@@ -87,7 +87,7 @@ def st_step_time(pairs, student: str, guide: str, batch: int, steps: int, warmup
 
 def ours_step_time(
     pairs, student: str, guide: str, batch: int, steps: int, warmup: int, precision: str = "32-true",
-    cache_dir: str | None = None, mini_batch_size: int | None = None,
+    cache_dir: str | None = None, mini_batch_size: int | None = None, bucket_size: int | None = None,
 ) -> float:
     from lightning.pytorch import Callback, Trainer
 
@@ -111,7 +111,10 @@ def ours_step_time(
         path.write_text("".join(json.dumps({"query": a, "pos": p, "task_name": "bench"}) + "\n" for a, p in pairs))
         student_enc, guide_enc = Encoder(student), Encoder(guide)
         cache = GuideCache.for_encoder(cache_dir, guide_enc) if cache_dir else None
-        module = GISTModule(student_enc, GISTLoss(mini_batch_size=mini_batch_size), guide_enc, lr=2e-5, guide_cache=cache)
+        module = GISTModule(
+            student_enc, GISTLoss(mini_batch_size=mini_batch_size), guide_enc, lr=2e-5, guide_cache=cache,
+            bucket_size=bucket_size,
+        )
         dm = GISTDataModule(train_files=[str(path)], batch_size=batch, shuffle_buffer=1)
         dm.configure_encoders(student_enc, guide_enc, guide_cache=cache, prefill_guide_cache=cache is not None)
         trainer = Trainer(
@@ -184,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--bucket-size", type=int, default=8, help="ours: length-bucketed encoding (0: one forward per block)")
     parser.add_argument("--memory-child", nargs=3, metavar=("KIND", "BATCH", "MINI"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
@@ -192,29 +196,31 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     torch.manual_seed(0)
-    B, steps, warm = args.batch, args.steps, args.warmup
+    B, steps, warm, bs = args.batch, args.steps, args.warmup, args.bucket_size or None
     pairs = bench_pairs(B * steps)
     result: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                                 "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                                 "torch": torch.__version__, "batch_pairs": B, "steps": steps, "warmup": warm,
-                                "repeats": args.repeats}}
+                                "repeats": args.repeats, "bucket_size": bs}}
     reps = range(args.repeats)
+    per_block = [ours_step_time(pairs, MINILM, MINILM, B, steps, warm) for _ in reps]
     result["same_work_fp32"] = compare(
         "same_work_fp32", B,
-        [ours_step_time(pairs, MINILM, MINILM, B, steps, warm) for _ in reps],
+        [ours_step_time(pairs, MINILM, MINILM, B, steps, warm, bucket_size=bs) for _ in reps],
         [st_step_time(pairs, MINILM, MINILM, B, steps, warm) for _ in reps],
+        ours_per_block_pairs_per_s=B / statistics.median(per_block), ours_per_block_repeats_s=per_block,
     )
     result["mpnet_guide_fp32"] = compare(
         "mpnet_guide_fp32", B,
-        [ours_step_time(pairs, MINILM, MPNET, B, steps, warm) for _ in reps],
+        [ours_step_time(pairs, MINILM, MPNET, B, steps, warm, bucket_size=bs) for _ in reps],
         [st_step_time(pairs, MINILM, MPNET, B, steps, warm) for _ in reps],
     )
     st_mpnet = result["mpnet_guide_fp32"]["st_repeats_s"]
     with tempfile.TemporaryDirectory() as cache:
-        cached32 = [ours_step_time(pairs, MINILM, MPNET, B, steps, warm, cache_dir=cache) for _ in reps]
+        cached32 = [ours_step_time(pairs, MINILM, MPNET, B, steps, warm, cache_dir=cache, bucket_size=bs) for _ in reps]
         result["mpnet_guide_cached_fp32"] = compare("mpnet_guide_cached_fp32", B, cached32, st_mpnet)
         # bf16: few steps (on CPUs without native bf16 it is slow; the number says so).
-        cached16 = [ours_step_time(pairs[: B * 4], MINILM, MPNET, B, 4, 1, precision="bf16-mixed", cache_dir=cache)]
+        cached16 = [ours_step_time(pairs[: B * 4], MINILM, MPNET, B, 4, 1, precision="bf16-mixed", cache_dir=cache, bucket_size=bs)]
     best_st = min(st_mpnet)
     st_bf16 = None
     if torch.cuda.is_available():

@@ -47,7 +47,7 @@ def train(cfg: DictConfig) -> float | None:
     guide = instantiate(cfg.guide) if cfg.get("guide") and loss.requires_guide else None
     cache_cfg = cfg.get("guide_cache") or {}
     cache = GuideCache.for_encoder(cache_cfg.dir, guide, dtype=cache_cfg.dtype) if guide and cache_cfg.get("enabled") else None
-    module = GISTModule(student, loss, guide, guide_cache=cache, **cfg.optim)
+    module = GISTModule(student, loss, guide, guide_cache=cache, bucket_size=cfg.get("bucket_size"), **cfg.optim)
     datamodule.configure_encoders(student, guide, guide_cache=cache, prefill_guide_cache=bool(cache_cfg.get("prefill")))
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from gist.encoder import Encoder, FrozenGuide, ModelUnavailableError, read_st_config
+from gist.encoder import Encoder, FrozenGuide, ModelUnavailableError, encode_blocks, read_st_config
 from gist.offline_models import MINILM, installed
 
 
@@ -66,3 +66,48 @@ def test_frozen_guide_stays_in_eval_mode_without_gradients(tiny_guide):
     out = guide(feats)
     assert not out.requires_grad
     torch.testing.assert_close(out, guide(feats))  # no dropout
+
+
+@pytest.mark.parametrize("model", ["tiny_student", "tiny_guide"])  # mean and cls pooling
+@pytest.mark.parametrize("bucket_size", [1, 3, 8, 100])
+def test_encode_blocks_bucketed_equals_per_block(request, model, bucket_size):
+    """Length-bucketed embedding of all blocks = one forward per block: embeddings and gradients."""
+    enc = Encoder(str(request.getfixturevalue(model)))
+    enc.eval()  # dropout off: both paths see the same function
+    texts = {
+        "anchor": ["a b c d e f g h", "x", "the cat sat", "one two three four five six seven eight nine ten"],
+        "positive": ["q w", "e r t y u i o", "p", "z z z z"],
+        "negative": ["lorem ipsum dolor sit amet consectetur", "k", "m n b v", "c"],
+    }
+    blocks = {k: dict(enc.tokenize(v)) for k, v in texts.items()}
+    assert len({f["input_ids"].size(1) for f in blocks.values()}) > 1  # blocks padded to different widths
+
+    def run(size):
+        enc.zero_grad()
+        out = encode_blocks(enc, blocks, size)
+        weights = torch.linspace(-1, 1, 12).reshape(3, 4, 1)
+        loss = sum((out[k] * w).sum() for k, w in zip(texts, weights))
+        loss.backward()
+        return out, {n: p.grad.clone() for n, p in enc.named_parameters() if p.grad is not None}
+
+    ref, ref_grads = run(None)
+    got, got_grads = run(bucket_size)
+    for k in texts:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6)
+    assert ref_grads.keys() == got_grads.keys() and ref_grads
+    for n in ref_grads:
+        torch.testing.assert_close(got_grads[n], ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_encode_blocks_left_padding_falls_back(tiny_student):
+    enc = Encoder(str(tiny_student))
+    enc.eval()
+    enc.tokenizer.padding_side = "left"
+    try:
+        blocks = {"anchor": dict(enc.tokenize(["a b c d", "x"])), "positive": dict(enc.tokenize(["q", "w e r t y"]))}
+        ref = {k: enc(f) for k, f in blocks.items()}
+        got = encode_blocks(enc, blocks, 1)
+    finally:
+        enc.tokenizer.padding_side = "right"
+    for k in blocks:
+        torch.testing.assert_close(got[k], ref[k])

@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from gist.encoder import Encoder
-from gist.gradcache import cached_loss
+from gist.gradcache import _chunks, cached_loss
 from gist.losses import GISTLoss, MNRLLoss
 
+# Lengths vary within each block, so mini-batches are trimmed to different widths.
 TEXTS = {
-    "anchor": [f"the cat {w} plays piano" for w in "abcdefghij"],
-    "positive": [f"a dog {w} eats food" for w in "abcdefghij"],
-    "negative": [f"my bank card {w} money" for w in "abcdefghij"],
+    "anchor": [f"the cat {w} plays piano" + " very" * (i % 4) for i, w in enumerate("abcdefghij")],
+    "positive": [f"a dog {w} eats food" + " and cake" * (i % 3) for i, w in enumerate("abcdefghij")],
+    "negative": [f"my bank card {w} money" + " please" * (i % 5) for i, w in enumerate("abcdefghij")],
 }
 
 
@@ -70,10 +71,10 @@ def test_dropout_is_replayed_exactly(tiny_student, tiny_guide):
     loss_fn = lambda emb: GISTLoss()(emb, g)  # noqa: E731
     mini = 4
 
-    # Reference: the same mini-batch forwards in the same RNG order, but with a graph.
+    # Reference: the same (trimmed) mini-batch forwards in the same RNG order, but with a graph.
     torch.manual_seed(123)
     student.zero_grad()
-    emb = {k: torch.cat([student({n: t[i : i + mini] for n, t in f.items()}) for i in range(0, 10, mini)]) for k, f in feats.items()}
+    emb = {k: torch.cat([student(chunk) for chunk in _chunks(f, mini)]) for k, f in feats.items()}
     ref_loss, _ = loss_fn(emb)
     ref_loss.backward()
     ref = _grads(student)

@@ -75,3 +75,29 @@ def test_lr_schedule_is_linear_warmup_then_linear_decay(tiny_student):
         sched.step()
     assert lrs[0] == 0 and lrs[5] == pytest.approx(0.5) and lrs[10] == pytest.approx(1.0)
     assert lrs[60] == pytest.approx(0.5) and lrs[110] == pytest.approx(0.0)
+
+
+def test_bucketed_training_step_equals_per_block_step(tiny_student, tiny_guide, gist_file):
+    """bucket_size changes how texts are batched through the encoders, not the loss or its gradients."""
+    student, guide = Encoder(str(tiny_student)), Encoder(str(tiny_guide))
+    student.eval()  # dropout off: the two paths must compute one function
+    dm = GISTDataModule(train_files=[str(gist_file)], batch_size=8)
+    dm.configure_encoders(student, guide)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["student"]["anchor"]["input_ids"].size(1) != batch["student"]["positive"]["input_ids"].size(1)
+    results = []
+    for bucket_size in (None, 3):
+        module = GISTModule(student, GISTLoss(), guide, bucket_size=bucket_size)
+        module.log = lambda *a, **k: None
+        student.zero_grad()
+        loss = module.training_step(batch, 0)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in student.parameters() if p.grad is not None]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
+    assert grads_a and len(grads_a) == len(grads_b)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="bucket_size"):
+        GISTModule(student, GISTLoss(), guide, bucket_size=0)
