@@ -144,7 +144,8 @@ class Encoder(nn.Module):
 
     def forward(self, features: dict[str, Tensor]) -> Tensor:
         """Tokenized batch -> (B, d) unit-norm embeddings."""
-        inputs = {k: v for k, v in features.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        ids = "inputs_embeds" if "inputs_embeds" in features else "input_ids"  # see encode_blocks
+        inputs = {k: v for k, v in features.items() if k in (ids, "attention_mask", "token_type_ids")}
         out = self.model(**inputs)
         return F.normalize(pool(out.last_hidden_state, features["attention_mask"], self.pooling), dim=-1)
 
@@ -191,6 +192,11 @@ def encode_blocks(encoder: nn.Module, blocks: dict[str, dict[str, Tensor]], buck
     lengths = mask.sum(1)
     if not is_right_padded(mask):
         return {block: encoder(features) for block, features in blocks.items()}
+    word_embeddings = encoder.model.get_input_embeddings() if isinstance(encoder, Encoder) else None
+    if torch.is_grad_enabled() and word_embeddings is not None and word_embeddings.weight.requires_grad:
+        # Look the tokens up once for the whole step: one backward into the (dense, vocab x d)
+        # embedding gradient instead of one per bucket.
+        padded["inputs_embeds"] = word_embeddings(padded.pop("input_ids"))
     order = torch.argsort(lengths, descending=True, stable=True)
     embs = []
     for idx in order.split(bucket_size):

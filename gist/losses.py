@@ -37,10 +37,12 @@ def _as_candidates(negative: Tensor | None) -> Tensor | None:
 
 
 def _cos(x: Tensor, y: Tensor) -> Tensor:
-    """Cosine similarity matrix (n, d) x (m, d) -> (n, m), in fp32."""
-    x = F.normalize(x.float(), dim=-1, eps=1e-8)
-    y = F.normalize(y.float(), dim=-1, eps=1e-8)
-    return x @ y.T
+    """Cosine similarity matrix (n, d) x (m, d) -> (n, m), in fp32 (also inside a bf16/fp16 autocast
+    region, which would otherwise run the matmul in low precision: logits at 1/tau = 100 need fp32)."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x = F.normalize(x.float(), dim=-1, eps=1e-8)
+        y = F.normalize(y.float(), dim=-1, eps=1e-8)
+        return x @ y.T
 
 
 def _blocks(

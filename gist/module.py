@@ -28,6 +28,8 @@ class GISTModule(LightningModule):
     loss: a loss module from gist.losses (`requires_guide` says whether it uses the guide).
     guide: the guide encoder (frozen here), or None for guide-free losses.
     lr / weight_decay / betas / eps: AdamW.
+    fused: AdamW's fused kernel (one pass over the parameters; CPU and CUDA). None: on when every
+        trainable parameter is a float tensor on CPU or CUDA.
     warmup_steps: linear warm-up from 0 to lr.
     schedule_steps: step at which the linear decay reaches 0; None = trainer.max_steps. GIST's released
         checkpoints stopped inside a much longer schedule, so this is separate from max_steps.
@@ -52,6 +54,7 @@ class GISTModule(LightningModule):
         schedule_steps: int | None = None,
         guide_cache=None,
         bucket_size: int | None = None,
+        fused: bool | None = None,
     ) -> None:
         super().__init__()
         if getattr(loss, "requires_guide", False) and guide is None:
@@ -66,6 +69,7 @@ class GISTModule(LightningModule):
         self.__dict__["guide"] = FrozenGuide(guide) if guide is not None and loss.requires_guide else None
         self.guide_cache = guide_cache if self.guide is not None else None
         self.optim = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
+        self.fused = fused
         self.warmup_steps, self.schedule_steps = warmup_steps, schedule_steps
         if bucket_size is not None and bucket_size < 1:
             raise ValueError(f"bucket_size must be >= 1 or null, got {bucket_size}")
@@ -134,7 +138,10 @@ class GISTModule(LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.student.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, **self.optim)
+        fused = self.fused
+        if fused is None:
+            fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+        optimizer = torch.optim.AdamW(params, **self.optim, fused=fused)
         total = self.schedule_steps or self.trainer.max_steps
         if total is None or total <= 0 or total == math.inf:
             raise ValueError("the LR schedule needs trainer.max_steps or optim.schedule_steps (streamed data has no length)")

@@ -302,3 +302,20 @@ def test_all_flag_combinations_are_finite():
     for ca, cp, self_mask in itertools.product([True, False], repeat=3):
         loss, _ = _ours(student, guide, contrast_anchors=ca, contrast_positives=cp, mask_self_pairs=self_mask)
         assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("loss_fn", ["gist", "mnrl", "no_guide"])
+def test_loss_is_fp32_inside_a_bf16_autocast_region(loss_fn):
+    """Under bf16-mixed the encoders run in bf16, but the similarities and the loss stay fp32."""
+    student, guide = _random_batch(seed=19)
+    student = [s.to(torch.bfloat16) for s in student]
+    fns = {
+        "gist": lambda: _ours(student, guide)[0],
+        "mnrl": lambda: mnrl_loss(*student)[0],
+        "no_guide": lambda: no_guide_loss(*student)[0],
+    }
+    ref = fns[loss_fn]()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fns[loss_fn]()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
