@@ -29,7 +29,8 @@ class GISTModule(LightningModule):
     guide: the guide encoder (frozen here), or None for guide-free losses.
     lr / weight_decay / betas / eps: AdamW.
     fused: AdamW's fused kernel (one pass over the parameters; CPU and CUDA). None: on when every
-        trainable parameter is a float tensor on CPU or CUDA.
+        trainable parameter is a float tensor on CPU or CUDA and precision is not mixed (Lightning does
+        not clip gradients of fused optimizers under its mixed-precision plugins).
     warmup_steps: linear warm-up from 0 to lr.
     schedule_steps: step at which the linear decay reaches 0; None = trainer.max_steps. GIST's released
         checkpoints stopped inside a much longer schedule, so this is separate from max_steps.
@@ -140,7 +141,9 @@ class GISTModule(LightningModule):
         params = [p for p in self.student.parameters() if p.requires_grad]
         fused = self.fused
         if fused is None:
-            fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+            # Lightning refuses gradient clipping with a fused optimizer under a mixed precision plugin.
+            mixed = self._trainer is not None and "mixed" in str(self.trainer.precision)
+            fused = not mixed and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
         optimizer = torch.optim.AdamW(params, **self.optim, fused=fused)
         total = self.schedule_steps or self.trainer.max_steps
         if total is None or total <= 0 or total == math.inf:

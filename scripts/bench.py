@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -88,6 +87,7 @@ def st_step_time(pairs, student: str, guide: str, batch: int, steps: int, warmup
 def ours_step_time(
     pairs, student: str, guide: str, batch: int, steps: int, warmup: int, precision: str = "32-true",
     cache_dir: str | None = None, mini_batch_size: int | None = None, bucket_size: int | None = None,
+    callbacks: list | None = None,
 ) -> float:
     from lightning.pytorch import Callback, Trainer
 
@@ -119,7 +119,7 @@ def ours_step_time(
         dm.configure_encoders(student_enc, guide_enc, guide_cache=cache, prefill_guide_cache=cache is not None)
         trainer = Trainer(
             accelerator="auto", devices=1, precision=precision, max_steps=steps, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0, callbacks=[Timer()],
+            enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0, callbacks=[Timer(), *(callbacks or [])],
             default_root_dir=tmp,
         )
         trainer.fit(module, datamodule=dm)
@@ -137,19 +137,41 @@ def compare(name: str, batch: int, ours: list[float], st: list[float], **extra) 
 # ---- memory and FLOPs -----------------------------------------------------------------------------
 
 
+def _status_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
 def memory_child(kind: str, batch: int, mini: int) -> None:
-    """Run one training step in this (fresh) process and print its peak RSS in MiB."""
+    """Run two training steps in this (fresh) process; print the RSS when fit starts (models,
+    optimizer, data loaded) and the peak RSS during fit, in MiB. The peak is reset at fit start
+    (Linux /proc/self/clear_refs), so loading, which peaks the same for any batch, is not counted."""
+    from lightning.pytorch import Callback
+
+    probe: dict[str, float] = {}
+
+    class Probe(Callback):
+        def on_train_start(self, trainer, pl_module):
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (peak RSS) to the current RSS
+            probe["start_rss_mib"] = _status_mib("VmRSS")
+
+        def on_train_end(self, trainer, pl_module):
+            probe["peak_rss_mib"] = _status_mib("VmHWM")
+
     pairs = bench_pairs(batch * 2)
-    ours_step_time(pairs, MINILM, MINILM, batch, steps=1, warmup=0, mini_batch_size=mini if kind == "gradcache" else None)
-    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    ours_step_time(pairs, MINILM, MINILM, batch, steps=2, warmup=0, bucket_size=8,
+                   mini_batch_size=mini if kind == "gradcache" else None, callbacks=[Probe()])
+    print(json.dumps(probe))
 
 
-def peak_rss(kind: str, batch: int, mini: int) -> float:
+def peak_rss(kind: str, batch: int, mini: int) -> dict[str, float]:
     out = subprocess.run(
         [sys.executable, __file__, "--memory-child", kind, str(batch), str(mini)],
         check=True, capture_output=True, text=True,
     ).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_rss_mib"]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def matmul_peak_gflops(dtype: torch.dtype, n: int = 1024, reps: int = 10) -> float:
@@ -232,11 +254,17 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     mini = 32
-    plain = peak_rss("plain", 64, mini)
-    cached = peak_rss("gradcache", 1024, mini)
-    result["gradcache_memory"] = {"plain_batch": 64, "plain_peak_rss_mib": plain, "gradcache_batch": 1024,
-                                  "mini_batch_size": mini, "gradcache_peak_rss_mib": cached, "ratio": cached / plain}
-    print(f"gradcache_memory: plain 64 {plain:.0f} MiB, GradCache 1024 {cached:.0f} MiB, ratio {cached / plain:.2f}")
+    runs = {f"{kind}_{b}": peak_rss(kind, b, mini) for kind, b in
+            [("plain", 64), ("plain", 256), ("gradcache", 64), ("gradcache", 256), ("gradcache", 1024)]}
+    plain, cached = runs["plain_64"]["peak_rss_mib"], runs["gradcache_1024"]["peak_rss_mib"]
+    result["gradcache_memory"] = {
+        "plain_batch": 64, "plain_peak_rss_mib": plain, "gradcache_batch": 1024, "mini_batch_size": mini,
+        "gradcache_peak_rss_mib": cached, "ratio": cached / plain,
+        "growth_over_fit_start_mib": {k: v["peak_rss_mib"] - v["start_rss_mib"] for k, v in runs.items()},
+        "runs": runs,
+    }
+    print(f"gradcache_memory: plain 64 {plain:.0f} MiB, GradCache 1024 {cached:.0f} MiB, ratio {cached / plain:.2f}; "
+          + ", ".join(f"{k} +{v['peak_rss_mib'] - v['start_rss_mib']:.0f}" for k, v in runs.items()))
 
     texts = [t for pair in pairs for t in pair]
     tokens = mean_tokens(MINILM, texts)
