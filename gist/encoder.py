@@ -128,6 +128,11 @@ class Encoder(nn.Module):
             log.warning("%s: no usable sentence-transformers pooling config (%s); using mean pooling", name, st_pooling)
         self.pooling = pooling or (st_pooling if st_pooling in POOLING_MODES else "mean")
         self.max_length = int(max_length or st_max_length or min(self.tokenizer.model_max_length, 512))
+        pooler = getattr(self.model, "pooler", None)
+        if isinstance(pooler, nn.Module):
+            # BERT-style [CLS] pooler: computed by the model but unused by our pooling, so it gets no
+            # gradient (DDP would fail on unused parameters). Frozen, its weights still travel with exports.
+            pooler.requires_grad_(False)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.train()  # from_pretrained returns eval mode; a fresh module trains (dropout on) like any other

@@ -61,10 +61,15 @@ def train(cfg: DictConfig) -> float | None:
 
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
     if best:
-        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-        module.load_state_dict(state)
-        log.info("best checkpoint: %s (%s = %s)", best, cfg.optimized_metric, trainer.checkpoint_callback.best_model_score)
-        metrics[cfg.optimized_metric] = float(trainer.checkpoint_callback.best_model_score)
+        ckpt = torch.load(best, map_location="cpu", weights_only=True)
+        module.load_state_dict(ckpt["state_dict"])
+        score = trainer.checkpoint_callback.best_model_score
+        if score is None:  # ddp_spawn returns the best path to the launching process, not the score
+            states = [v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("ModelCheckpoint")]
+            score = next((st["best_model_score"] for st in states if st.get("best_model_score") is not None), None)
+        log.info("best checkpoint: %s (%s = %s)", best, cfg.optimized_metric, score)
+        if score is not None:
+            metrics[cfg.optimized_metric] = float(score)
 
     if trainer.is_global_zero and cfg.get("export"):
         path = export_sentence_transformer(module.student.cpu(), output_dir / "model")

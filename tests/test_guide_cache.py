@@ -144,3 +144,32 @@ def test_cache_guide_script_fills_what_training_looks_up(tmp_path, tiny_student,
     assert cache.lookup([text_id(t) for t in texts]) is not None
     again = script.fill_cache(cfg)
     assert len(again) == len(texts)  # nothing recomputed or duplicated
+
+
+def _segments(cache_root):
+    return sorted(p.name for p in cache_root.rglob("*.keys.npy"))
+
+
+@pytest.mark.parametrize("prefill", [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_guide_cache_under_two_process_ddp(tmp_path, tiny_student, tiny_guide, gist_file, gist_rows, mteb_dir, prefill):
+    """trainer=ddp_sim (2 processes, gloo). Prefilled: the ranks add nothing, i.e. run no guide forward
+    (a live forward is written back as a new segment at train end). Filled on first sight: both ranks
+    write their own segments into the shared folder and every text they saw is readable afterwards."""
+    from tests.test_train import tiny_cfg, train_script
+
+    overrides = ["trainer=ddp_sim", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                 f"guide_cache.prefill={str(prefill).lower()}", "export=false", "compare_tasks_dir=null"]
+    cfg = tiny_cfg(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, overrides)
+    root = tmp_path / "cache" / "guide"
+    score = train_script.train(cfg)  # prefill runs in prepare_data, in the launching process
+    assert isinstance(score, float)  # the best val score travels back from the spawned ranks
+    assert len(list(root.iterdir())) == 1
+    segments = _segments(root)
+    pids = {name.split("-")[1] for name in segments}
+    cache = GuideCache.for_encoder(tmp_path / "cache" / "guide", Encoder(str(tiny_guide), max_length=48))
+    if prefill:
+        texts = {t for r in gist_rows for t in (r["query"], r["pos"], r["neg"]) if t}
+        assert len(cache) == len(texts) and len(pids) == 1  # one writer: the prefill in the launching process
+    else:
+        assert len(pids) == 2  # each rank wrote what its live guide computed
+        assert len(cache) >= 2 * 16  # two steps x two ranks x (8 anchors + 8 positives) at least, deduplicated
