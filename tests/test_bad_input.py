@@ -4,6 +4,7 @@ row and the problem; `data.on_bad_row=skip` drops bad rows and counts them per r
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -153,7 +154,7 @@ def test_train_script_prints_one_clean_line_and_exits_non_zero(tmp_path, gist_ro
         [sys.executable, "scripts/train.py", "data=files", f"data.train_files=[{path}]", "data.val_sts_dir=null",
          f"model.name={tiny_student}", "guide=none", "loss=mnrl", "logger=csv", "compare_tasks_dir=null",
          f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr + proc.stdout

@@ -42,10 +42,10 @@ def _fault_cfg(tmp_path, tiny_student, gist_file, mteb_dir, kind, fault_at):
     cfg = tiny_cfg(tmp_path, tiny_student, None, gist_file, mteb_dir, [
         "guide=none", "loss=mnrl", "trainer.max_steps=8", "trainer.val_check_interval=100", "data.val_sts_dir=null",
         "export=false", "compare_tasks_dir=null",
-        "callbacks.model_checkpoint.monitor=null", "callbacks.model_checkpoint.every_n_train_steps=1",
-        "callbacks.model_checkpoint.filename=step{step:06d}",
+        "callbacks.model_checkpoint.monitor=null", "+callbacks.model_checkpoint.every_n_train_steps=1",
     ])
     with open_dict(cfg):
+        cfg.callbacks.model_checkpoint.filename = "step{step:06d}"
         cfg.loss = {"_target_": f"{__name__}.FaultAtCall", "fault_at": fault_at, "kind": kind}
     return cfg
 

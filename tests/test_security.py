@@ -117,7 +117,7 @@ SECRETS = {
 def test_no_secret_reaches_logs_configs_or_checkpoints(tmp_path, tiny_student, gist_file, mteb_dir):
     """A real `scripts/train.py` run (Hydra files, train.log, CSV, W&B offline files, checkpoints, the
     exported model) with secrets in the environment: none of them appears in any file of the run."""
-    env = {**os.environ, **SECRETS, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **SECRETS, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONPATH": str(ROOT)}
     run = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "scripts/train.py", "data=files", f"data.train_files=[{gist_file}]", "data.batch_size=8",
