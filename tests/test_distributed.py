@@ -234,6 +234,7 @@ SCENARIOS = {
 }
 
 
+@pytest.mark.slow  # ~60 s on 2 shared cores: two spawned ranks, each fits 4 Lightning runs
 def test_ddp_module_gradients_equal_the_single_process_global_batch(tmp_path, tiny_student, tiny_guide, gist_rows):
     """Two DDP ranks, Lightning's DDP strategy on gloo: after DDP's averaging, the parameter gradients
     of one training step with gathering (plain and GradCache) equal those of the single-process step
