@@ -225,9 +225,11 @@ def _module_worker(rank: int, out_dir: Path, student_dir: str, guide_dir: str, g
         torch.save({"loss": capture.loss, "grads": capture.grads}, out_dir / f"{name}-rank{rank}.pt")
 
 
+# margin 0: the tiny random guide rates every pair ~0.99998, so any positive margin vetoes every
+# candidate (loss 0, zero gradients: a vacuous comparison); at 0 it vetoes 62% of them (measured).
 SCENARIOS = {
-    "gist_gather": {"kind": "gist", "gather_across_devices": True, "mask_duplicate_texts": True, "margin": 0.05},
-    "gist_cached_gather": {"kind": "gist", "gather_across_devices": True, "mask_duplicate_texts": True, "margin": 0.05,
+    "gist_gather": {"kind": "gist", "gather_across_devices": True, "mask_duplicate_texts": True, "margin": 0.0},
+    "gist_cached_gather": {"kind": "gist", "gather_across_devices": True, "mask_duplicate_texts": True, "margin": 0.0,
                            "mini_batch_size": 3},
     "mnrl_cached_gather": {"kind": "mnrl", "gather_across_devices": True, "mini_batch_size": 2},
     "gist_cached_local": {"kind": "gist", "mini_batch_size": 3},
@@ -252,6 +254,7 @@ def test_ddp_module_gradients_equal_the_single_process_global_batch(tmp_path, ti
         ref_grads = {n: sum(r[1][n] for r in refs) / len(refs) for n in refs[0][1]}
         torch.testing.assert_close(sum(g["loss"] for g in got) / WORLD, ref_loss, rtol=1e-5, atol=1e-6)
         assert got[0]["grads"].keys() == ref_grads.keys() and len(ref_grads) > 10
+        assert ref_loss > 0.1 and sum(float(g.abs().sum()) for g in ref_grads.values()) > 0  # not vacuous
         for n, ref in ref_grads.items():
             atol = 1e-4 * ref.abs().max().item() + 1e-9
             for r in range(WORLD):
