@@ -9,6 +9,10 @@ Same-task batches (GIST_SPEC §2): rows go into a buffer per task_name in stream
 becomes a batch (so every batch holds ONE task, whether the task's rows are contiguous or scattered);
 batches pass through a seeded shuffle pool of `shuffle_buffer` batches. Leftovers (< batch_size rows
 of a task at the end of an epoch) are dropped, as GIST drops chunks that span two tasks.
+
+Bad input (`on_bad_row`): "error" (default) raises `DataError` naming the source, the row and the
+problem; "skip" drops the row and counts it under its reason (`BAD_ROW_REASONS`) in a caller's Counter.
+Whole-source faults (a missing or unreadable file, an unknown hub dataset or revision) always raise.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +33,25 @@ INSTRUCT = {"query": "query_instruct", "pos": "pos_instruct", "neg": "neg_instru
 BLOCKS = {"query": "anchor", "pos": "positive", "neg": "negative"}
 
 
+BAD_ROW_REASONS = (
+    "malformed_json", "invalid_utf8", "not_an_object", "missing_column", "wrong_type", "empty_text",
+    "inconsistent_negatives", "single_row_task",
+)
+ON_BAD_ROW = ("error", "skip")
+
+
 class DataError(ValueError):
-    """A bad training row or source; the message names the source, row and problem."""
+    """A bad training row or source; the message names the source, row and problem. `reason` is one
+    of BAD_ROW_REASONS for a row-level fault, None for a source-level one (never skipped)."""
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _check_on_bad_row(on_bad_row: str) -> None:
+    if on_bad_row not in ON_BAD_ROW:
+        raise ValueError(f"data.on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
 
 
 @dataclass(frozen=True)
@@ -48,29 +70,56 @@ class HubDataset:
 Source = Path | HubDataset
 
 
+def _unreadable(path: Path, err: Exception) -> DataError:
+    return DataError(f"{path}: cannot be read: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+
+
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, object]]:
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+    """(line number, record | DataError): a bad line is yielded as its error so a caller may skip it."""
+    try:
+        f = path.open("rb")
+    except OSError as err:
+        raise _unreadable(path, err) from None
+    with f:
+        lineno = 0
+        while True:
+            try:
+                raw = f.readline()
+            except OSError as err:
+                raise _unreadable(path, err) from None
+            if not raw:
+                return
+            lineno += 1
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise DataError(f"{path}: row {lineno}: invalid UTF-8 ({err.reason} at byte {err.start})") from None
+                yield lineno, DataError(
+                    f"{path}: row {lineno}: invalid UTF-8 ({err.reason} at byte {err.start})", "invalid_utf8"
+                )
+                continue
             if not line.strip():
                 continue
             try:
-                yield lineno, json.loads(line)
+                record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{path}: row {lineno}: malformed JSON: {err.msg} (column {err.colno})") from None
+                yield lineno, DataError(f"{path}: row {lineno}: malformed JSON: {err.msg} (column {err.colno})", "malformed_json")
+                continue
+            yield lineno, record
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[int, object]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     row = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=2048):
-        for record in batch.to_pylist():
-            yield row, record
-            row += 1
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=2048):
+            for record in batch.to_pylist():
+                yield row, record
+                row += 1
+    except (OSError, pa.ArrowException) as err:  # not parquet, truncated, unreadable
+        raise DataError(f"{path}: cannot be read as parquet (after row {row - 1 if row else 'none'}): "
+                        f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
 
 
 def _iter_hub(source: HubDataset) -> Iterator[tuple[int, object]]:
@@ -97,44 +146,52 @@ def open_hub_dataset(source: HubDataset):
         ) from err
 
 
-def iter_records(source: Source) -> Iterator[tuple[int, object]]:
-    """(row number, raw record) of one source, streamed."""
+def iter_records(source: Source, skipped: Counter | None = None) -> Iterator[tuple[int, object]]:
+    """(row number, raw record) of one source, streamed. A line that is not JSON / not UTF-8 raises
+    DataError, or with a `skipped` Counter is counted under its reason and left out."""
     if isinstance(source, HubDataset):
-        yield from _iter_hub(source)
-        return
-    path = Path(source)
-    if not path.is_file():
-        raise DataError(f"{path}: training file not found (or not a file)")
-    if path.suffix == ".parquet":
-        yield from _iter_parquet(path)
-    elif path.suffix in (".jsonl", ".json"):
-        yield from _iter_jsonl(path)
+        records = _iter_hub(source)
     else:
-        raise DataError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl or .parquet)")
+        path = Path(source)
+        if not path.is_file():
+            raise DataError(f"{path}: training file not found (or not a file)")
+        if path.suffix == ".parquet":
+            records = _iter_parquet(path)
+        elif path.suffix in (".jsonl", ".json"):
+            records = _iter_jsonl(path)
+        else:
+            raise DataError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl or .parquet)")
+    for row_no, record in records:
+        if isinstance(record, DataError):
+            if skipped is None:
+                raise record
+            skipped[record.reason] += 1
+            continue
+        yield row_no, record
 
 
 def _text(record: dict, field: str, where: str, required: bool) -> str | None:
     value = record.get(field)
     if value is None or (isinstance(value, str) and not value.strip() and not required):
         if required:
-            raise DataError(f"{where}: missing column {field!r}")
+            raise DataError(f"{where}: missing column {field!r}", "missing_column")
         return None
     if not isinstance(value, str):
-        raise DataError(f"{where}: column {field!r} must be a string, got {type(value).__name__}")
+        raise DataError(f"{where}: column {field!r} must be a string, got {type(value).__name__}", "wrong_type")
     if not value.strip():
-        raise DataError(f"{where}: column {field!r} is empty or whitespace-only")
+        raise DataError(f"{where}: column {field!r} is empty or whitespace-only", "empty_text")
     return value
 
 
 def parse_row(record: object, where: str, prepend_instructions: bool = False) -> dict:
     """Validate one raw record and return {query, pos, neg (str|None), task_name, symmetric}."""
     if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}", "not_an_object")
     row = {field: _text(record, field, where, required=field != "neg") for field in TEXT_FIELDS}
     row["task_name"] = _text(record, "task_name", where, required=True)
     symmetric = record.get("symmetric", False)
     if symmetric is not None and not isinstance(symmetric, bool):
-        raise DataError(f"{where}: column 'symmetric' must be a boolean, got {type(symmetric).__name__}")
+        raise DataError(f"{where}: column 'symmetric' must be a boolean, got {type(symmetric).__name__}", "wrong_type")
     row["symmetric"] = bool(symmetric)
     if prepend_instructions:
         for field in TEXT_FIELDS:
@@ -145,30 +202,61 @@ def parse_row(record: object, where: str, prepend_instructions: bool = False) ->
     return row
 
 
-def iter_rows(sources: Iterable[Source], prepend_instructions: bool = False) -> Iterator[dict]:
+def iter_rows(
+    sources: Iterable[Source],
+    prepend_instructions: bool = False,
+    on_bad_row: str = "error",
+    skipped: Counter | None = None,
+) -> Iterator[dict]:
     """Validated rows of all sources in order; each carries `where` ("source: row N") for errors.
 
-    A task must either always or never have a hard negative (its batches are stacked)."""
+    A task must either always or never have a hard negative (its batches are stacked); a row that
+    breaks this is bad. on_bad_row="skip" leaves bad rows out, counted per reason in `skipped`."""
+    _check_on_bad_row(on_bad_row)
+    skip = on_bad_row == "skip"
+    skipped = skipped if skipped is not None else Counter()
     has_neg: dict[str, tuple[bool, str]] = {}
     for source in sources:
-        for row_no, record in iter_records(source):
+        for row_no, record in iter_records(source, skipped if skip else None):
             where = f"{source}: row {row_no}"
-            row = parse_row(record, where, prepend_instructions)
-            first = has_neg.setdefault(row["task_name"], (row["neg"] is not None, where))
-            if first[0] != (row["neg"] is not None):
-                raise DataError(
-                    f"{where}: task {row['task_name']!r} {'lacks' if first[0] else 'has'} a 'neg' but its first "
-                    f"row ({first[1]}) {'has' if first[0] else 'lacks'} one; a task must be consistent"
-                )
+            try:
+                row = parse_row(record, where, prepend_instructions)
+                first = has_neg.setdefault(row["task_name"], (row["neg"] is not None, where))
+                if first[0] != (row["neg"] is not None):
+                    raise DataError(
+                        f"{where}: task {row['task_name']!r} {'lacks' if first[0] else 'has'} a 'neg' but its first "
+                        f"row ({first[1]}) {'has' if first[0] else 'lacks'} one; a task must be consistent",
+                        "inconsistent_negatives",
+                    )
+            except DataError as err:
+                if not skip:
+                    raise
+                skipped[err.reason] += 1
+                continue
             row["where"] = where
             yield row
 
 
-def validate_sources(sources: Iterable[Source]) -> dict[str, int]:
-    """Read every row once (before training) so a bad row stops the run early. Returns rows per task."""
+def validate_sources(sources: Iterable[Source], on_bad_row: str = "error", skipped: Counter | None = None) -> dict[str, int]:
+    """Read every row once (before training) so a bad row stops the run early. Returns rows per task.
+
+    A task with a single row can never form a same-task batch (in-batch negatives need >= 2 rows): an
+    error naming its row, or under on_bad_row="skip" counted as "single_row_task" (the stream drops it
+    anyway: it never fills a batch)."""
     counts: dict[str, int] = {}
-    for row in iter_rows(sources):
+    first_row: dict[str, str] = {}
+    for row in iter_rows(sources, on_bad_row=on_bad_row, skipped=skipped):
         counts[row["task_name"]] = counts.get(row["task_name"], 0) + 1
+        first_row.setdefault(row["task_name"], row["where"])
+    for task in [t for t, n in counts.items() if n == 1]:
+        if on_bad_row != "skip":
+            raise DataError(
+                f"{first_row[task]}: task {task!r} has only this one row; a same-task batch needs at least 2 "
+                "(add rows, drop the task, or set data.on_bad_row=skip)", "single_row_task"
+            )
+        if skipped is not None:
+            skipped["single_row_task"] += 1
+        del counts[task]
     return counts
 
 
@@ -195,7 +283,9 @@ class SameTaskBatches(IterableDataset):
         seed: int = 42,
         shuffle_buffer: int = 1024,
         prepend_instructions: bool = False,
+        on_bad_row: str = "error",
     ) -> None:
+        _check_on_bad_row(on_bad_row)
         if batch_size < 2:
             raise ValueError(f"batch_size must be >= 2 for in-batch negatives, got {batch_size}")
         if shuffle_buffer < 1:
@@ -205,6 +295,7 @@ class SameTaskBatches(IterableDataset):
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self.prepend_instructions = prepend_instructions
+        self.on_bad_row = on_bad_row  # bad rows were counted by the datamodule's pre-training pass
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -214,7 +305,7 @@ class SameTaskBatches(IterableDataset):
         rng = random.Random(f"{self.seed}:{self.epoch}")
         buffers: dict[str, list[dict]] = {}
         pool: list[list[dict]] = []
-        for row in iter_rows(self.sources, self.prepend_instructions):
+        for row in iter_rows(self.sources, self.prepend_instructions, on_bad_row=self.on_bad_row):
             buf = buffers.setdefault(row["task_name"], [])
             buf.append(row)
             if len(buf) == self.batch_size:

@@ -8,6 +8,7 @@ built once and cached on disk). See gist/data.py for the batching policy.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,7 +32,11 @@ class GISTDataModule(LightningDataModule):
     seed: seed of the batch shuffle.
     shuffle_buffer: batches held in the shuffle pool.
     prepend_instructions: prepend *_instruct to texts (GIST drops them: default False).
-    validate_files: read local files once before training so a bad row stops the run early.
+    validate_files: read local files once before training so a bad row stops the run early
+        (`check_sources` reads train_files before any model loads; `setup` reads derived files).
+    on_bad_row: "error" (default): a bad row stops the run with a DataError naming source, row and
+        problem; "skip": bad rows are left out and counted per reason in `bad_rows` (logged, and
+        written to <run_dir>/bad_rows.json by scripts/train.py).
     val_sts_dir / val_split / val_batch_size: the STS split used for validation (None: no validation).
     num_workers: DataLoader workers (batches are sharded among them).
     """
@@ -47,6 +52,7 @@ class GISTDataModule(LightningDataModule):
         shuffle_buffer: int = 1024,
         prepend_instructions: bool = False,
         validate_files: bool = True,
+        on_bad_row: str = "error",
         val_sts_dir: str | None = None,
         val_split: str = "validation",
         val_batch_size: int = 64,
@@ -61,6 +67,11 @@ class GISTDataModule(LightningDataModule):
         self.cache_dir = Path(cache_dir)
         self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer
         self.prepend_instructions, self.validate_files = prepend_instructions, validate_files
+        if on_bad_row not in ("error", "skip"):
+            raise ValueError(f"data.on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+        self.on_bad_row = on_bad_row
+        self.bad_rows: Counter = Counter()  # reason -> rows skipped (on_bad_row=skip), local sources
+        self._validated: dict[str, int] | None = None
         self.val_sts_dir, self.val_split, self.val_batch_size = val_sts_dir, val_split, val_batch_size
         self.num_workers = num_workers
         self.collator: Collator | None = None
@@ -69,7 +80,8 @@ class GISTDataModule(LightningDataModule):
         self.task_counts: dict[str, int] = {}
 
     def check_sources(self) -> None:
-        """Fail fast, before any model loads: files exist, hub datasets resolve, STS split exists."""
+        """Fail fast, before any model loads: files exist and (validate_files) every row of the local
+        training files is valid, hub datasets resolve, the STS split exists. Raises DataError."""
         for path in self.train_files:
             if not path.is_file():
                 raise DataError(f"{path}: training file not found")
@@ -77,6 +89,17 @@ class GISTDataModule(LightningDataModule):
             open_hub_dataset(hub)
         if self.val_sts_dir is not None and not (Path(self.val_sts_dir) / f"{self.val_split}.jsonl").is_file():
             raise DataError(f"{Path(self.val_sts_dir) / f'{self.val_split}.jsonl'}: validation split not found")
+        if self.validate_files and self.train_files:
+            self._validated = self._validate(self.train_files)
+
+    def _validate(self, sources: list) -> dict[str, int]:
+        skipped: Counter = Counter()
+        counts = validate_sources(sources, on_bad_row=self.on_bad_row, skipped=skipped)
+        if skipped:
+            self.bad_rows.update(skipped)
+            log.warning("skipped bad rows (data.on_bad_row=skip) in %s: %s", ", ".join(map(str, sources)),
+                        ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())))
+        return counts
 
     def configure_encoders(self, student, guide=None, guide_cache=None, prefill_guide_cache: bool = False) -> None:
         """Tokenize for the student and, with its OWN tokenizer and max length, for the guide; look up
@@ -99,7 +122,8 @@ class GISTDataModule(LightningDataModule):
         if self._prefill is not None:
             guide, cache = self._prefill
             local = [s for s in self.sources() if not isinstance(s, HubDataset)]
-            texts = [r[f] for r in iter_rows(local, self.prepend_instructions) for f in ("query", "pos", "neg") if r[f]]
+            rows = iter_rows(local, self.prepend_instructions, on_bad_row=self.on_bad_row)
+            texts = [r[f] for r in rows for f in ("query", "pos", "neg") if r[f]]
             computed = cache.fill(guide, texts)
             log.info("guide cache %s: %d texts computed, %d cached", cache.dir, computed, len(cache))
 
@@ -112,14 +136,20 @@ class GISTDataModule(LightningDataModule):
         sources = self.sources()
         if self.validate_files:
             local = [s for s in sources if not isinstance(s, HubDataset)]
-            self.task_counts = validate_sources(local)
+            if self._validated is not None:  # train_files were read by check_sources
+                rest = [s for s in local if s not in self.train_files]
+                counts = Counter(self._validated)
+                counts.update(self._validate(rest) if rest else {})
+                self.task_counts = dict(counts)
+            else:
+                self.task_counts = self._validate(local)
             small = sorted(t for t, n in self.task_counts.items() if n < self.batch_size)
             if small:
                 log.warning("tasks with fewer rows than batch_size %d yield no batch: %s", self.batch_size, small)
             log.info("training rows: %d in %d tasks", sum(self.task_counts.values()), len(self.task_counts))
         self.train_set = SameTaskBatches(
             sources, self.batch_size, seed=self.seed, shuffle_buffer=self.shuffle_buffer,
-            prepend_instructions=self.prepend_instructions,
+            prepend_instructions=self.prepend_instructions, on_bad_row=self.on_bad_row,
         )
         if self.val_sts_dir is not None:
             self.val_rows = list(zip(*read_sts(self.val_sts_dir, self.val_split)))

@@ -31,6 +31,10 @@ class ModelUnavailableError(RuntimeError):
     """A model could not be loaded (not cached offline, unknown id, no network)."""
 
 
+class RemoteCodeError(ModelUnavailableError):
+    """The model needs its own code (`auto_map`) and the config did not set trust_remote_code."""
+
+
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
@@ -121,18 +125,25 @@ class Encoder(nn.Module):
             AutoConfig.from_pretrained(name, **kwargs)  # cheap: fails fast before any weights move
             st_pooling, st_max_length = read_st_config(name, revision)
         except (OSError, ValueError) as err:
+            if not trust_remote_code and "trust_remote_code" in str(err):
+                raise RemoteCodeError(
+                    f"Model {name!r} (revision {revision or 'main'}) ships its own Python code, which is not run "
+                    "unless the config says so: if you trust it, set trust_remote_code=true in the model (or "
+                    "guide) config, e.g. model.trust_remote_code=true, ideally with a pinned revision."
+                ) from err
             raise _unavailable(name, revision, err) from err
         self.model = AutoModel.from_pretrained(name, **kwargs)
+        # The model's own pooler (BERT-style CLS dense + tanh) is unused: embeddings pool the hidden
+        # states. Frozen, it is left out of the optimizer and of DDP, which would otherwise wait for
+        # gradients that never come (DDP with find_unused_parameters=False).
+        pooler = getattr(self.model, "pooler", None)
+        if isinstance(pooler, nn.Module):
+            pooler.requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
         if pooling is None and st_pooling not in POOLING_MODES:
             log.warning("%s: no usable sentence-transformers pooling config (%s); using mean pooling", name, st_pooling)
         self.pooling = pooling or (st_pooling if st_pooling in POOLING_MODES else "mean")
         self.max_length = int(max_length or st_max_length or min(self.tokenizer.model_max_length, 512))
-        pooler = getattr(self.model, "pooler", None)
-        if isinstance(pooler, nn.Module):
-            # BERT-style [CLS] pooler: computed by the model but unused by our pooling, so it gets no
-            # gradient (DDP would fail on unused parameters). Frozen, its weights still travel with exports.
-            pooler.requires_grad_(False)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.train()  # from_pretrained returns eval mode; a fresh module trains (dropout on) like any other

@@ -75,11 +75,18 @@ def cached_loss(
     features: dict[str, dict[str, Tensor]],
     loss_fn: Callable[[dict[str, Tensor]], tuple[Tensor, dict]],
     mini_batch_size: int,
+    after_replay: Callable[[], None] | None = None,
 ) -> tuple[Tensor, dict]:
     """GradCache step. `features`: block -> tokenized inputs; `loss_fn(embeddings) -> (loss, stats)`.
 
     Returns a scalar whose `.backward()` fills the encoder's parameter gradients exactly as the plain
-    `loss_fn({block: encoder(features[block])})` would (up to float summation order)."""
+    `loss_fn({block: encoder(features[block])})` would (up to float summation order).
+
+    `after_replay` runs once the last mini-batch's backward is done. Under DDP each replayed mini-batch
+    is a separate backward, which DDP's hooks must not all-reduce one by one: the caller suspends DDP's
+    sync for the step and averages the gradients itself in `after_replay` (gist.distributed), which is
+    what `no_sync` for all mini-batches but the last would give. `loss_fn` may gather embeddings
+    across ranks (gist.distributed.gather_for_loss): its backward collective runs in this function."""
     embedded = {block: embed_without_graph(encoder, f, mini_batch_size) for block, f in features.items()}
     leaves = {block: emb.detach().requires_grad_() for block, (emb, _) in embedded.items()}
     with torch.enable_grad():
@@ -91,6 +98,8 @@ def cached_loss(
         # grad_output carries any loss scaling (AMP) or accumulation factor applied by the caller.
         for block, (_, states) in embedded.items():
             replay_backward(encoder, features[block], states, grads[block] * grad_output, mini_batch_size)
+        if after_replay is not None:
+            after_replay()
 
     out = loss.detach().requires_grad_()
     out.register_hook(replay)

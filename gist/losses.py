@@ -53,8 +53,10 @@ def _blocks(
     contrast_anchors: bool,
     contrast_positives: bool,
     target_offset: int,
+    anchor_candidates: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, slice]]:
-    """Similarity blocks [ap | an | aa | pp] for the local anchors, concatenated: (B, C)."""
+    """Similarity blocks [ap | an | aa | pp] for the local anchors, concatenated: (B, C). The aa block
+    compares with `anchor_candidates` (all ranks' anchors, own anchor at target_offset + i) when given."""
     B = anchor.size(0)
     blocks, spans, start = [], {}, 0
 
@@ -68,7 +70,7 @@ def _blocks(
     if negative is not None:
         add("an", _cos(anchor, negative))  # (B, N)
     if contrast_anchors:
-        add("aa", _cos(anchor, anchor))  # (B, B)
+        add("aa", _cos(anchor, anchor if anchor_candidates is None else anchor_candidates))  # (B, B) or (B, P)
     if contrast_positives:
         add("pp", _cos(positive[target_offset : target_offset + B], positive))  # (B, P)
     return torch.cat(blocks, dim=1), spans
@@ -79,7 +81,8 @@ def _self_pair_mask(spans: dict[str, slice], B: int, C: int, target_offset: int,
     mask = torch.zeros(B, C, dtype=torch.bool, device=device)
     rows = torch.arange(B, device=device)
     if "aa" in spans:
-        mask[rows, spans["aa"].start + rows] = True
+        own = rows if spans["aa"].stop - spans["aa"].start == B else target_offset + rows
+        mask[rows, spans["aa"].start + own] = True
     if "pp" in spans:
         mask[rows, spans["pp"].start + target_offset + rows] = True
     return mask
@@ -145,6 +148,8 @@ def gist_loss(
     mask_self_pairs: bool = False,
     text_ids: tuple[Tensor, Tensor, Tensor | None] | None = None,
     target_offset: int = 0,
+    anchor_candidates: Tensor | None = None,
+    guide_anchor_candidates: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """GISTEmbed loss: InfoNCE over in-batch candidates, minus those the guide ranks above the positive.
 
@@ -164,6 +169,9 @@ def gist_loss(
         text_ids: (anchor, positive, negative) integer ids of the raw texts (equal text <=> equal id);
             when given, candidates whose text equals row i's positive text are masked.
         target_offset: column of row 0's positive (rank * B under cross-device gather).
+        anchor_candidates / guide_anchor_candidates: every rank's anchors (P, d) for the aa block under
+            cross-device gather (own anchor at target_offset + i); None = the local anchors. Text ids
+            are then every rank's too.
 
     Returns:
         loss (scalar, fp32) and stats: masked_frac (fraction of the B x C candidate logits masked),
@@ -178,14 +186,18 @@ def gist_loss(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if (negative is None) != (guide_negative is None):
         raise ValueError("negative and guide_negative must both be given or both be None")
+    if (anchor_candidates is None) != (guide_anchor_candidates is None):
+        raise ValueError("anchor_candidates and guide_anchor_candidates must both be given or both be None")
     _check_shapes(anchor, positive, target_offset)
     B = anchor.size(0)
     layout = dict(contrast_anchors=contrast_anchors, contrast_positives=contrast_positives, target_offset=target_offset)
     negative, guide_negative = _as_candidates(negative), _as_candidates(guide_negative)
 
-    sim, spans = _blocks(anchor, positive, negative, **layout)  # (B, C)
+    sim, spans = _blocks(anchor, positive, negative, anchor_candidates=anchor_candidates, **layout)  # (B, C)
     with torch.no_grad():
-        guide_sim, _ = _blocks(guide_anchor, guide_positive, guide_negative, **layout)  # (B, C)
+        guide_sim, _ = _blocks(
+            guide_anchor, guide_positive, guide_negative, anchor_candidates=guide_anchor_candidates, **layout
+        )  # (B, C)
         rows = torch.arange(B, device=sim.device)
         threshold = guide_sim[rows, spans["ap"].start + target_offset + rows].unsqueeze(1)  # (B, 1)
         if margin_strategy == "absolute":
@@ -211,6 +223,7 @@ def no_guide_loss(
     contrast_positives: bool = True,
     text_ids: tuple[Tensor, Tensor, Tensor | None] | None = None,
     target_offset: int = 0,
+    anchor_candidates: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The GIST 4-block InfoNCE without a guide: only each row's own anchor (aa) and positive (pp) are
     masked. The ablation that isolates what the guide's vetoes add. Args as in `gist_loss`."""
@@ -223,6 +236,7 @@ def no_guide_loss(
         contrast_anchors=contrast_anchors,
         contrast_positives=contrast_positives,
         target_offset=target_offset,
+        anchor_candidates=anchor_candidates,
     )
     mask = _self_pair_mask(spans, B, sim.size(1), target_offset, sim.device)
     if text_ids is not None:
@@ -277,7 +291,10 @@ class GISTLoss(nn.Module):
     Recommendations: temperature 0.01 (GIST v0); margin 0 unless the guide is much weaker than the
     student; mask_duplicate_texts when a task repeats texts (e.g. symmetric pairs).
     mini_batch_size: when set, the training step uses GradCache (gist/gradcache.py): the loss over the
-    whole batch, student activations for `mini_batch_size` texts at a time (`loss=gist_cached`)."""
+    whole batch, student activations for `mini_batch_size` texts at a time (`loss=gist_cached`).
+    gather_across_devices: under DDP, the training step gathers candidates (positives, negatives,
+    anchors of the aa block) and their guide embeddings and text ids from every rank
+    (gist.distributed.gather_for_loss); anchors stay local. Inputs then carry `anchor_candidates`."""
 
     requires_guide = True
 
@@ -291,10 +308,12 @@ class GISTLoss(nn.Module):
         mask_self_pairs: bool = False,
         mask_duplicate_texts: bool = False,
         mini_batch_size: int | None = None,
+        gather_across_devices: bool = False,
     ) -> None:
         super().__init__()
         _check_temperature(temperature)
         self.mini_batch_size = _check_mini_batch(mini_batch_size)
+        self.gather_across_devices = gather_across_devices
         if margin_strategy not in ("absolute", "relative"):
             raise ValueError(f"loss.margin_strategy must be 'absolute' or 'relative', got {margin_strategy!r}")
         self.kwargs = dict(
@@ -317,12 +336,15 @@ class GISTLoss(nn.Module):
             guide_negative=guide.get("negative"),
             text_ids=text_ids if self.mask_duplicate_texts else None,
             target_offset=target_offset,
+            anchor_candidates=student.get("anchor_candidates"),
+            guide_anchor_candidates=guide.get("anchor_candidates"),
             **self.kwargs,
         )
 
 
 class NoGuideLoss(nn.Module):
-    """`no_guide_loss` with fixed hyper-parameters (the GIST loss with every guide veto removed)."""
+    """`no_guide_loss` with fixed hyper-parameters (the GIST loss with every guide veto removed).
+    mini_batch_size / gather_across_devices: as in GISTLoss."""
 
     requires_guide = False
 
@@ -333,10 +355,12 @@ class NoGuideLoss(nn.Module):
         contrast_positives: bool = True,
         mask_duplicate_texts: bool = False,
         mini_batch_size: int | None = None,
+        gather_across_devices: bool = False,
     ) -> None:
         super().__init__()
         _check_temperature(temperature)
         self.mini_batch_size = _check_mini_batch(mini_batch_size)
+        self.gather_across_devices = gather_across_devices
         self.kwargs = dict(temperature=temperature, contrast_anchors=contrast_anchors, contrast_positives=contrast_positives)
         self.mask_duplicate_texts = mask_duplicate_texts
 
@@ -347,19 +371,28 @@ class NoGuideLoss(nn.Module):
             student.get("negative"),
             text_ids=text_ids if self.mask_duplicate_texts else None,
             target_offset=target_offset,
+            anchor_candidates=student.get("anchor_candidates"),
             **self.kwargs,
         )
 
 
 class MNRLLoss(nn.Module):
-    """`mnrl_loss` with a fixed temperature (plain in-batch negatives, [ap | an])."""
+    """`mnrl_loss` with a fixed temperature (plain in-batch negatives, [ap | an]).
+    mini_batch_size / gather_across_devices: as in GISTLoss (no aa block: gathered anchors are unused)."""
 
     requires_guide = False
 
-    def __init__(self, temperature: float = 0.05, mask_duplicate_texts: bool = False, mini_batch_size: int | None = None) -> None:
+    def __init__(
+        self,
+        temperature: float = 0.05,
+        mask_duplicate_texts: bool = False,
+        mini_batch_size: int | None = None,
+        gather_across_devices: bool = False,
+    ) -> None:
         super().__init__()
         _check_temperature(temperature)
         self.mini_batch_size = _check_mini_batch(mini_batch_size)
+        self.gather_across_devices = gather_across_devices
         self.temperature = temperature
         self.mask_duplicate_texts = mask_duplicate_texts
 

@@ -18,8 +18,13 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torchmetrics.regression import SpearmanCorrCoef
 
+from gist import distributed
 from gist.encoder import Encoder, FrozenGuide, encode_blocks
 from gist.gradcache import cached_loss
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN/inf loss, gradient or weight: the run stops before it can reach a checkpoint."""
 
 
 class GISTModule(LightningModule):
@@ -86,22 +91,48 @@ class GISTModule(LightningModule):
     def _encode(self, encoder: nn.Module, features: dict) -> dict[str, torch.Tensor]:
         return encode_blocks(encoder, features, self.bucket_size)
 
+    def _loss(self, student: dict, guide: dict | None, text_ids: tuple):
+        """The loss of this rank's batch; with `gather_across_devices`, candidates from every rank."""
+        if getattr(self.loss_fn, "gather_across_devices", False):
+            student, guide, text_ids, offset = distributed.gather_for_loss(student, guide, text_ids)
+            return self.loss_fn(student, guide, text_ids, target_offset=offset)
+        return self.loss_fn(student, guide, text_ids)
+
+    def _ddp_wrapper(self):
+        """The DistributedDataParallel module wrapping this one (Lightning's DDP strategies), else None."""
+        trainer = self._trainer
+        model = getattr(getattr(trainer, "strategy", None), "model", None) if trainer is not None else None
+        return model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         ids = batch["text_ids"]
         text_ids = (ids["anchor"], ids["positive"], ids.get("negative"))
         guide = self._guide_embeddings(batch)
         mini_batch_size = getattr(self.loss_fn, "mini_batch_size", None)
         if mini_batch_size:  # GradCache: same loss and gradients, activations of one mini-batch at a time
+            # Under DDP the replay runs one backward per mini-batch: DDP's per-backward all-reduce is
+            # suspended for this step and the gradients are averaged once after the last mini-batch.
+            ddp = self._ddp_wrapper()
+            sync = distributed.suspend_ddp_sync(ddp)
+
+            def after_replay() -> None:
+                if sync:
+                    distributed.average_gradients(self.student.parameters())
+                distributed.resume_ddp_sync(ddp, sync)
+
             loss, stats = cached_loss(
-                self.student, batch["student"], lambda student: self.loss_fn(student, guide, text_ids), mini_batch_size
+                self.student, batch["student"], lambda student: self._loss(student, guide, text_ids), mini_batch_size,
+                after_replay=after_replay,
             )
         else:
             student = self._encode(self.student, batch["student"])
-            loss, stats = self.loss_fn(student, guide, text_ids)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite training loss {loss.item()} at step {self.global_step} (task {batch['task']!r}); "
-                "stopping before the optimizer step so no checkpoint is written from it"
+            loss, stats = self._loss(student, guide, text_ids)
+        # Every rank must agree, else one raises while the others wait in the backward's all-reduce.
+        if not distributed.all_ranks_true(bool(torch.isfinite(loss)), loss.device):
+            raise NonFiniteError(
+                f"non-finite training loss ({loss.item()} on this rank) at step {self.global_step} "
+                f"(task {batch['task']!r}): stopping before the optimizer step, so no checkpoint is written "
+                "from it; the last checkpoint holds the last good weights"
             )
         B = batch["size"]
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
@@ -158,7 +189,25 @@ class GISTModule(LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """A finite loss can still give inf/NaN gradients (overflow in backward); stepping on them would
+        put NaN into the weights and the next checkpoint. Gradients are already averaged over ranks
+        here, so every rank decides alike. Skipped under fp16 loss scaling, whose scaler skips such
+        steps by design."""
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return
+        grads = [p.grad for p in self.student.parameters() if p.grad is not None]
+        if grads and not torch.isfinite(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]).sum()):
+            bad = [n for n, p in self.student.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+            raise NonFiniteError(
+                f"non-finite gradients at step {self.global_step} in {len(bad)} tensors (first: {bad[0]}): stopping "
+                "before the optimizer step; the last checkpoint holds the last good weights"
+            )
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        bad = [k for k, v in checkpoint["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:  # never replace a good checkpoint by a broken one
+            raise NonFiniteError(f"refusing to save a checkpoint at step {self.global_step}: non-finite weights in {bad[:3]}")
         # What it takes to rebuild the student around the saved weights (gist.runs / export from a ckpt).
         checkpoint["gist_student"] = {
             "name": self.student.name,

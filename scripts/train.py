@@ -11,8 +11,10 @@ task folders of compare_tasks_dir), return the metric.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("GIST_ROOT", str(Path(__file__).resolve().parents[1]))
@@ -23,9 +25,11 @@ from hydra.utils import instantiate  # noqa: E402
 from lightning.pytorch import seed_everything  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from gist.data import DataError  # noqa: E402
+from gist.encoder import ModelUnavailableError  # noqa: E402
 from gist.export import export_sentence_transformer  # noqa: E402
 from gist.guide_cache import GuideCache  # noqa: E402
-from gist.module import GISTModule  # noqa: E402
+from gist.module import GISTModule, NonFiniteError  # noqa: E402
 from gist.evaluation import comparison_title, compare_models, encoder_model, markdown_table, pretrained_model  # noqa: E402
 from gist.mteb_tasks import load_tasks  # noqa: E402
 from gist.runs import Run  # noqa: E402
@@ -42,6 +46,7 @@ def train(cfg: DictConfig) -> float | None:
     # Data first: a missing file or unreachable hub dataset fails before any model loads.
     datamodule = instantiate(cfg.data)
     datamodule.check_sources()
+    report_bad_rows(datamodule, output_dir)
     loss = instantiate(cfg.loss)
     student = instantiate(cfg.model)
     guide = instantiate(cfg.guide) if cfg.get("guide") and loss.requires_guide else None
@@ -56,7 +61,9 @@ def train(cfg: DictConfig) -> float | None:
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    # Resume loads tensors and plain containers only (weights_only): a checkpoint cannot run code.
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    report_bad_rows(datamodule, output_dir, loggers)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
@@ -80,6 +87,21 @@ def train(cfg: DictConfig) -> float | None:
     return metrics.get(cfg.optimized_metric)
 
 
+def report_bad_rows(datamodule, output_dir: Path, loggers=()) -> None:
+    """Rows skipped under data.on_bad_row=skip, per reason: <run_dir>/bad_rows.json and, once the
+    loggers exist, metrics `data/skipped_<reason>` (and `data/skipped_rows`, their total)."""
+    counts = dict(sorted(getattr(datamodule, "bad_rows", {}).items()))
+    if not counts:
+        return
+    (output_dir / "bad_rows.json").write_text(json.dumps({"skipped_rows": sum(counts.values()), "by_reason": counts}, indent=1))
+    log.warning("skipped %d bad training rows: %s (see %s)", sum(counts.values()), counts, output_dir / "bad_rows.json")
+    metrics = {f"data/skipped_{reason}": float(n) for reason, n in counts.items()}
+    metrics["data/skipped_rows"] = float(sum(counts.values()))
+    for lg in loggers:
+        lg.log_metrics(metrics, step=0)
+        lg.save()
+
+
 def compare_on_tasks(cfg: DictConfig, student, output_dir: Path, best_ckpt: str | None, last_step: int) -> None:
     """Base vs fine-tuned on every task folder of cfg.compare_tasks_dir (mteb's evaluators), printed and
     saved as <run_dir>/eval/comparison.{json,md}; the base model's results are reused across runs."""
@@ -94,9 +116,18 @@ def compare_on_tasks(cfg: DictConfig, student, output_dir: Path, best_ckpt: str 
     print(f"table: {output_dir / 'eval' / 'comparison.md'}")
 
 
+# Faults that are the user's to fix (data, model access, a diverging run): one clear line, exit 1,
+# no traceback. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (DataError, ModelUnavailableError, NonFiniteError)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    return train(cfg)
+    try:
+        return train(cfg)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)  # stderr: kept by schedulers' job logs
+        sys.exit(1)
 
 
 if __name__ == "__main__":

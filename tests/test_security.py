@@ -1,0 +1,136 @@
+"""Security: no remote code unless configured, no pickle code on load, no secrets in run outputs."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_config import CONF, load
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _torch_load_calls(path: Path):
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load":
+            if isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+                yield node
+
+
+def test_every_torch_load_in_the_code_is_weights_only():
+    calls = []
+    for path in [*ROOT.glob("gist/*.py"), *ROOT.glob("scripts/*.py")]:
+        for node in _torch_load_calls(path):
+            kw = {k.arg: k.value for k in node.keywords}
+            ok = isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
+            calls.append((f"{path.relative_to(ROOT)}:{node.lineno}", ok))
+    assert calls, "the scan found no torch.load at all: it is broken"
+    assert [c for c, ok in calls if not ok] == []
+
+
+def test_resume_passes_weights_only_to_lightning():
+    tree = ast.parse((ROOT / "scripts" / "train.py").read_text())
+    fits = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "fit"]
+    assert fits and all(any(k.arg == "weights_only" and getattr(k.value, "value", None) is True for k in f.keywords) for f in fits)
+
+
+class Payload:
+    """Unpickling this runs code: it creates the file named by MARKER."""
+
+    def __reduce__(self):
+        return (Path.touch, (Path(os.environ["GIST_TEST_MARKER"]),))
+
+
+def test_a_checkpoint_carrying_code_is_refused_on_resume(tmp_path, monkeypatch, tiny_student, gist_file, mteb_dir):
+    from tests.test_train import tiny_cfg, train_script
+
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("GIST_TEST_MARKER", str(marker))
+    cfg = tiny_cfg(tmp_path, tiny_student, None, gist_file, mteb_dir, [
+        "guide=none", "loss=mnrl", "export=false", "compare_tasks_dir=null", "trainer.max_steps=2",
+    ])
+    train_script.train(cfg)
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    # A genuine checkpoint resumes under weights_only=True (Lightning's contents are plain data)...
+    cfg.trainer.max_steps = 3
+    cfg.ckpt_path = str(last)
+    train_script.train(cfg)
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+    # ...a tampered one does not run its payload.
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["extra"] = Payload()
+    evil = tmp_path / "evil.ckpt"
+    torch.save(ckpt, evil)
+    cfg.trainer.max_steps = 4
+    cfg.ckpt_path = str(evil)
+    with pytest.raises(Exception, match="Weights only load failed|Unsupported global"):
+        train_script.train(cfg)
+    assert not marker.exists()
+
+
+def test_remote_code_is_not_run_unless_the_config_says_so(tmp_path, tiny_student, monkeypatch):
+    from gist.encoder import Encoder, RemoteCodeError
+
+    model = tmp_path / "custom-model"
+    shutil.copytree(tiny_student, model)
+    marker = tmp_path / "remote-code-ran"
+    (model / "custom_bert.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).touch()\n"
+        "from transformers import BertConfig, BertModel\n"
+        "class CustomConfig(BertConfig):\n    model_type = 'custom_bert'\n"
+        "class CustomModel(BertModel):\n    config_class = CustomConfig\n"
+    )
+    cfg = json.loads((model / "config.json").read_text())
+    cfg.update(model_type="custom_bert", auto_map={"AutoConfig": "custom_bert.CustomConfig", "AutoModel": "custom_bert.CustomModel"})
+    (model / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(RemoteCodeError, match="trust_remote_code=true"):
+        Encoder(str(model))
+    assert not marker.exists()
+
+
+def test_every_model_and_guide_config_keeps_remote_code_off():
+    for group in ("model", "guide"):
+        for option in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
+            if option == "none":
+                continue
+            overrides = [f"{group}={option}"] + (["model.name=x"] if option == "tiny_random" else [])
+            cfg = load(overrides)
+            assert cfg[group].trust_remote_code is False, f"{group}={option}"
+
+
+SECRETS = {
+    "WANDB_API_KEY": "0123456789abcdef0123456789abcdef01234567",
+    "HF_TOKEN": "hf_FakeTokenForTheSecretScanTest0123456789",
+    "HUGGING_FACE_HUB_TOKEN": "hf_AnotherFakeTokenForTheScan9876543210",
+}
+
+
+def test_no_secret_reaches_logs_configs_or_checkpoints(tmp_path, tiny_student, gist_file, mteb_dir):
+    """A real `scripts/train.py` run (Hydra files, train.log, CSV, W&B offline files, checkpoints, the
+    exported model) with secrets in the environment: none of them appears in any file of the run."""
+    env = {**os.environ, **SECRETS, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONPATH": str(ROOT)}
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "scripts/train.py", "data=files", f"data.train_files=[{gist_file}]", "data.batch_size=8",
+         f"data.val_sts_dir={mteb_dir / 'TinySTS'}", "data.val_batch_size=8", f"model.name={tiny_student}",
+         "model.max_length=32", "guide=none", "loss=mnrl", "logger=default", "trainer.max_steps=2",
+         "trainer.val_check_interval=2", "compare_tasks_dir=null", f"paths.cache_dir={tmp_path / 'cache'}",
+         f"hydra.run.dir={run}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = [p for p in run.rglob("*") if p.is_file()]
+    names = {p.name for p in files}
+    assert {"config.yaml", "last.ckpt", "metrics.csv"} <= names and any(p.suffix == ".wandb" for p in files)
+    leaks = [(str(p.relative_to(run)), key) for p in files for key, value in SECRETS.items() if value.encode() in p.read_bytes()]
+    assert leaks == []
+    assert not any(value in proc.stdout + proc.stderr for value in SECRETS.values())
