@@ -56,14 +56,15 @@ def run(cfg: DictConfig, wandb_identity: dict) -> float | None:
         OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
 
     loss = instantiate(cfg.loss)
-    if loss.requires_guide and not cfg.get("guide"):
+    has_guide = bool((cfg.get("guide") or {}).get("_target_"))  # guide=none leaves null (or an experiment's leftovers)
+    if loss.requires_guide and not has_guide:
         raise ValueError(f"{type(loss).__name__} needs a guide model but guide=none: set guide=<mpnet|minilm|...>, "
                          "or use a guide-free loss with it (guide=none alone selects loss=no_guide; loss=mnrl works too)")
     # Data first: a missing file or unreachable hub dataset fails before any model loads.
     datamodule = instantiate(cfg.data)
     datamodule.check_sources()
     student = instantiate(cfg.model)
-    guide = instantiate(cfg.guide) if cfg.get("guide") and loss.requires_guide else None
+    guide = instantiate(cfg.guide) if has_guide and loss.requires_guide else None
     cache_cfg = cfg.get("guide_cache") or {}
     cache = GuideCache.for_encoder(cache_cfg.dir, guide, dtype=cache_cfg.dtype) if guide and cache_cfg.get("enabled") else None
     module = GISTModule(student, loss, guide, guide_cache=cache, **cfg.optim)

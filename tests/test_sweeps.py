@@ -122,8 +122,9 @@ def test_guide_none_selects_a_guide_free_loss_unless_one_is_chosen():
     assert load(["guide=mpnet"]).loss._target_ == "gist.losses.GISTLoss"
 
 
-def test_gist_loss_with_guide_none_fails_before_loading_anything(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, monkeypatch):
-    args = ["guide=none", "loss=gist", *tiny(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, guide=False)]
+@pytest.mark.parametrize("choice", [["guide=none", "loss=gist"], ["experiment=gist_small", "guide=none"]])
+def test_gist_loss_with_guide_none_fails_before_loading_anything(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, monkeypatch, choice):
+    args = [*choice, *tiny(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, guide=False)]
     monkeypatch.setattr("gist.encoder.Encoder.__init__", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(ValueError, match=r"GISTLoss needs a guide model but guide=none"):
         run_in_process(args, monkeypatch)
