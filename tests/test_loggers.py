@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gist.loggers import wandb_key_configured, wandb_logger, wandb_mode
+from gist.loggers import finish_wandb, wandb_key_configured, wandb_logger, wandb_mode
 
 
 def test_key_detection(monkeypatch, tmp_path):
@@ -31,7 +31,9 @@ def test_mode_is_offline_without_a_key(monkeypatch, tmp_path):
     assert wandb_mode() == "online" and wandb_mode("offline") == "offline"
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert wandb_mode() == "disabled"
-    assert wandb_logger(mode="disabled", project="gist-test", save_dir=str(tmp_path))._wandb_init["mode"] == "disabled"
+    logger = wandb_logger(mode="disabled", project="gist-test", save_dir=str(tmp_path))
+    assert logger._wandb_init["mode"] == "disabled"
+    finish_wandb([logger])
 
 
 def test_training_writes_an_offline_wandb_run(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir):
@@ -92,7 +94,7 @@ def test_wandb_run_holds_config_metrics_tags_group_and_the_exported_model(tmp_pa
     train_script.train(cfg)
     (run_dir,) = (Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*")
     run = read_wandb_file(run_dir)
-    assert run["run"].group == "my-group" and list(run["run"].tags) == ["tiny", "wandb"]
+    assert run["run"].run_group == "my-group" and list(run["run"].tags) == ["tiny", "wandb"]
     assert run["run"].display_name == f"{cfg.task_name}-{Path(cfg.paths.output_dir).name}"
     assert run["config"]["optim"]["lr"] == cfg.optim.lr and run["config"]["loss"]["temperature"] == cfg.loss.temperature
     for key in ("train/loss", "train/masked_frac", "train/effective_negatives", "lr", "train/samples_per_s", "val/stsb_spearman"):

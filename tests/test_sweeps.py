@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,6 @@ from hydra.experimental.callback import Callback
 
 from tests.test_config import CONF, load
 from tests.test_loggers import read_wandb_file
-from tests.test_train import train_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted(p.stem for p in (CONF / "sweep").glob("*.yaml"))
@@ -67,7 +67,7 @@ def run_in_process(args: list[str], monkeypatch, record: Path | None = None) -> 
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
     GlobalHydra.instance().clear()
     try:
-        train_script.main()
+        runpy.run_path(str(ROOT / "scripts" / "train.py"), run_name="__main__")
     finally:
         GlobalHydra.instance().clear()
 
@@ -138,7 +138,9 @@ def test_2x2_sweep_gives_4_jobs_with_own_folder_config_model_and_wandb_run(tmp_p
     from sentence_transformers import SentenceTransformer
 
     record = tmp_path / "returns.jsonl"
-    args = ["-m", "experiment=quickstart", "optim.lr=1e-5,5e-6", "loss.temperature=0.01,0.05", "logger=default"]
+    from tests.test_recipes import recipe
+
+    args = recipe("sweep")  # README's: -m experiment=quickstart optim.lr=1e-5,5e-6 loss.temperature=0.01,0.05
     run_in_process(with_overrides(args, tiny(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir)), monkeypatch, record)
     jobs = job_dirs(tmp_path / "logs")
     assert [j.name for j in jobs] == ["0", "1", "2", "3"]
@@ -152,7 +154,7 @@ def test_2x2_sweep_gives_4_jobs_with_own_folder_config_model_and_wandb_run(tmp_p
         (run,) = wandb_runs(job)  # one W&B run per job, in the job's folder
         wandb_run = read_wandb_file(run)["run"]
         run_ids.add(wandb_run.run_id)
-        groups.add(wandb_run.group)
+        groups.add(wandb_run.run_group)
         names.add(wandb_run.display_name)
     assert seen == {(1e-5, 0.01), (1e-5, 0.05), (5e-6, 0.01), (5e-6, 0.05)}
     assert len(run_ids) == 4 and len(names) == 4
