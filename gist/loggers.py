@@ -101,5 +101,8 @@ def _finish_quietly() -> None:
 
         if wandb.run is not None:
             wandb.finish()
+        # A fresh W&B service per job: ranks spawned by ddp_spawn in a LATER job of the same process
+        # could not attach to that job's run otherwise ("Unable to attach to run", wandb 0.31).
+        wandb.teardown()
     except Exception as err:
         log.warning("wandb.finish failed (%s: %s)", type(err).__name__, err)

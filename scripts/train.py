@@ -83,10 +83,13 @@ def run(cfg: DictConfig, wandb_identity: dict) -> float | None:
 
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
     if best:
-        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-        module.load_state_dict(state)
-        log.info("best checkpoint: %s (%s = %s)", best, cfg.optimized_metric, trainer.checkpoint_callback.best_model_score)
-        metrics[cfg.optimized_metric] = float(trainer.checkpoint_callback.best_model_score)
+        ckpt = torch.load(best, map_location="cpu", weights_only=True)
+        module.load_state_dict(ckpt["state_dict"])
+        score = trainer.checkpoint_callback.best_model_score
+        if score is None:  # ddp_spawn hands the main process the best path but not its score: read it back
+            score = next(v["best_model_score"] for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint"))
+        log.info("best checkpoint: %s (%s = %s)", best, cfg.optimized_metric, score)
+        metrics[cfg.optimized_metric] = float(score)
 
     if trainer.is_global_zero and cfg.get("export"):
         path = export_sentence_transformer(module.student.cpu(), output_dir / "model")

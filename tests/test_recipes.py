@@ -143,7 +143,7 @@ def test_slurm_recipe_composes_and_submits_an_sbatch_array(tmp_path, tiny_studen
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node, launcher.partition) == (2, 8, 8, "gpu")
-    assert cfg.trainer.strategy == "ddp" and cfg.trainer.devices * cfg.trainer.num_nodes == 16
+    assert cfg.trainer.strategy._target_ == "lightning.pytorch.strategies.DDPStrategy" and cfg.trainer.devices * cfg.trainer.num_nodes == 16
 
     def fake_submit(self, command):
         raise Submitted(self._make_submission_file_text(command, "test"))

@@ -188,11 +188,11 @@ def test_every_experiment_runs_fast_dev_run_as_one_multirun(tmp_path, tiny_stude
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp"])
-def test_sweep_of_ddp_sim_jobs(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, strategy):
-    """Two jobs, each 2 processes. strategy=ddp is Lightning's subprocess launcher, which re-runs the
+@pytest.mark.parametrize("start_method", ["spawn", "popen"])
+def test_sweep_of_ddp_sim_jobs(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, start_method):
+    """Two jobs, each 2 processes. start_method=popen is Lightning's subprocess launcher, which re-runs the
     command line for rank 1: that child must run its job, not start the sweep again (gist/launch.py)."""
-    args = ["-m", "trainer=ddp_sim", f"trainer.strategy={strategy}", "optim.lr=1e-3,2e-3", "logger=default",
+    args = ["-m", "trainer=ddp_sim", f"trainer.strategy.start_method={start_method}", "optim.lr=1e-3,2e-3", "logger=default",
             *tiny(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir)]
     out = run_subprocess(args, tmp_path)
     assert out.count("MEMBER: 2/2") == 2, out[-4000:]  # rank 1 of each job joined
@@ -204,6 +204,6 @@ def test_sweep_of_ddp_sim_jobs(tmp_path, tiny_student, tiny_guide, gist_file, mt
         assert (job / "model" / "modules.json").exists() and (job / "csv" / "metrics.csv").exists()
         (run,) = wandb_runs(job)
         run_ids.add(read_wandb_file(run)["run"].run_id)
-        if strategy == "ddp":  # the child ran in its parent job's folder, under its own job name
+        if start_method == "popen":  # the child ran in its parent job's folder, under its own job name
             assert (job / "train_ddp_process_1.log").exists()
     assert len(run_ids) == 2
