@@ -4,6 +4,7 @@
     python scripts/train.py experiment=gist_small             # the released GIST-small recipe
     python scripts/train.py loss=mnrl guide=none optim.lr=1e-5
     python scripts/train.py -m optim.lr=1e-5,5e-6 loss.temperature=0.01,0.05   # a sweep
+    python scripts/train.py -m sweep=guide                    # a ready ablation sweep (conf/sweep/)
 
 Reads top to bottom: seed, instantiate, wire, fit, export, compare (base vs fine-tuned on the MTEB
 task folders of compare_tasks_dir), return the metric.
@@ -21,14 +22,18 @@ os.environ.setdefault("GIST_ROOT", str(Path(__file__).resolve().parents[1]))
 
 import hydra  # noqa: E402
 import torch  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from lightning.pytorch import seed_everything  # noqa: E402
+from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from gist.data import DataError  # noqa: E402
 from gist.encoder import ModelUnavailableError  # noqa: E402
 from gist.export import export_sentence_transformer  # noqa: E402
 from gist.guide_cache import GuideCache  # noqa: E402
+from gist.launch import ddp_child_argv, isolated_job, job_env, job_identity  # noqa: E402
+from gist.loggers import finish_wandb, log_exported_model  # noqa: E402
 from gist.module import GISTModule, NonFiniteError  # noqa: E402
 from gist.evaluation import comparison_title, compare_models, encoder_model, markdown_table, pretrained_model  # noqa: E402
 from gist.mteb_tasks import load_tasks  # noqa: E402
@@ -38,25 +43,41 @@ log = logging.getLogger("gist.train")
 
 
 def train(cfg: DictConfig) -> float | None:
+    """One run, or one job of a multirun: returns cfg.optimized_metric (the best checkpoint's) to sweepers.
+    The job leaves nothing behind for the next one: W&B run finished, DDP environment and process group
+    cleared (gist/launch.py)."""
+    hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+    with isolated_job(job_env(hydra_cfg, cfg.paths.output_dir), on_exit=[finish_wandb]):
+        return run(cfg, wandb_identity=job_identity(hydra_cfg, cfg.task_name, cfg.paths.output_dir))
+
+
+def run(cfg: DictConfig, wandb_identity: dict) -> float | None:
     seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+    if rank_zero_only.rank == 0:  # DDP children (LOCAL_RANK > 0) share the folder
+        OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
 
+    loss = instantiate(cfg.loss)
+    has_guide = bool((cfg.get("guide") or {}).get("_target_"))  # guide=none leaves null (or an experiment's leftovers)
+    if loss.requires_guide and not has_guide:
+        raise ValueError(f"{type(loss).__name__} needs a guide model but guide=none: set guide=<mpnet|minilm|...>, "
+                         "or use a guide-free loss with it (guide=none alone selects loss=no_guide; loss=mnrl works too)")
     # Data first: a missing file or unreachable hub dataset fails before any model loads.
     datamodule = instantiate(cfg.data)
     datamodule.check_sources()
     report_bad_rows(datamodule, output_dir)
-    loss = instantiate(cfg.loss)
     student = instantiate(cfg.model)
-    guide = instantiate(cfg.guide) if cfg.get("guide") and loss.requires_guide else None
+    guide = instantiate(cfg.guide) if has_guide and loss.requires_guide else None
     cache_cfg = cfg.get("guide_cache") or {}
     cache = GuideCache.for_encoder(cache_cfg.dir, guide, dtype=cache_cfg.dtype) if guide and cache_cfg.get("enabled") else None
     module = GISTModule(student, loss, guide, guide_cache=cache, bucket_size=cfg.get("bucket_size"), **cfg.optim)
     datamodule.configure_encoders(student, guide, guide_cache=cache, prefill_guide_cache=bool(cache_cfg.get("prefill")))
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    loggers = [lg for lg in (instantiate(c) for c in (cfg.get("logger") or {}).values()) if lg is not None]
+    # W&B name and group (when not configured): a multirun job's run is grouped by its sweep.
+    fill = {key: {k: v for k, v in wandb_identity.items() if key == "wandb" and c.get(k) is None} for key, c in (cfg.get("logger") or {}).items()}
+    loggers = [lg for lg in (instantiate(c, **fill[key]) for key, c in (cfg.get("logger") or {}).items()) if lg is not None]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -81,6 +102,8 @@ def train(cfg: DictConfig) -> float | None:
     if trainer.is_global_zero and cfg.get("export"):
         path = export_sentence_transformer(module.student.cpu(), output_dir / "model")
         log.info("exported sentence-transformers model: %s", path)
+        log_exported_model(loggers, path, aliases=["best" if best else "last"],
+                           metadata={"checkpoint": best or None, cfg.optimized_metric: metrics.get(cfg.optimized_metric)})
         if cfg.get("compare_tasks_dir"):
             compare_on_tasks(cfg, module.student.eval(), output_dir, best or None, trainer.global_step)
         print(f"model: {path}\n")
@@ -131,4 +154,6 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    # A DDP child that Lightning starts inside a multirun job runs that one job, not the sweep (gist/launch.py).
+    sys.argv = ddp_child_argv(sys.argv, dict(os.environ))
     main()

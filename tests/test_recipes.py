@@ -1,0 +1,165 @@
+"""The README's Recipes, run as written with tiny overrides applied (tests/test_sweeps.py has the rest:
+`sweep` is its 2 x 2 test). What cannot run here is said per test: the hub (gist_small runs offline on
+the tiny fixtures, and as written must fail fast), GPUs (DDP runs on 2 CPU processes), several nodes
+(torchrun runs 1 node x 2 processes) and SLURM (the launcher config is composed and its sbatch script
+rendered, not submitted)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = ["trainer.accelerator=cpu", "trainer.precision=32-true"]
+
+
+def recipes() -> dict[str, tuple[dict[str, str], list[str]]]:
+    """{name: (env assignments, argv)} from the `# recipe: <name>` lines of README's Recipes section."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Recipes\n", 1)[1].split("\n## ", 1)[0]
+    found = {}
+    for name, command in re.findall(r"^# recipe: (\w+).*\n(.+)$", section, flags=re.M):
+        tokens = shlex.split(command)
+        env = {}
+        while re.match(r"^[A-Z_]+=", tokens[0]):
+            key, value = tokens.pop(0).split("=", 1)
+            env[key] = value
+        found[name] = (env, tokens)
+    return found
+
+
+def recipe(name: str) -> list[str]:
+    """The recipe's arguments after `python scripts/train.py`."""
+    _, argv = recipes()[name]
+    assert argv[:2] == ["python", "scripts/train.py"], argv
+    return argv[2:]
+
+
+def test_readme_has_every_recipe():
+    assert set(recipes()) == {"quickstart", "gist_small", "sweep", "sweep_guide", "ddp", "torchrun", "slurm"}
+    assert recipes()["gist_small"][0] == {"HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0"}
+
+
+def test_quickstart_recipe(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, monkeypatch):
+    from tests.test_sweeps import run_in_process, tiny, with_overrides
+
+    run_in_process(with_overrides(recipe("quickstart"), tiny(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir)), monkeypatch)
+    (run,) = (tmp_path / "logs" / "quickstart" / "runs").iterdir()
+    assert OmegaConf.load(run / "config.yaml").task_name == "quickstart" and (run / "model" / "modules.json").exists()
+
+
+def test_gist_small_recipe_as_written_fails_fast_offline(tmp_path, monkeypatch):
+    from gist.data import DataError
+    from tests.test_sweeps import run_in_process
+
+    args = [*recipe("gist_small"), f"paths.log_dir={tmp_path / 'logs'}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    with pytest.raises(DataError, match=r"(?s)avsolatorio/medi-data-mteb_avs_triplets@238a0499.*HF_HUB_OFFLINE.*data.train_files"):
+        run_in_process(args, monkeypatch)
+
+
+def test_gist_small_recipe_on_the_tiny_fixtures(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, monkeypatch):
+    """The released recipe's config (bf16, batch 16, its schedule) on tiny offline stand-ins, CPU, fast_dev_run."""
+    from tests.test_sweeps import run_in_process, tiny, with_overrides
+
+    stand_ins = [*tiny(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir), "model.pooling=mean", "guide.pooling=cls",
+                 "trainer=cpu", "debug=fdr"]
+    run_in_process(with_overrides(recipe("gist_small"), stand_ins), monkeypatch)
+    (run,) = (tmp_path / "logs" / "gist_small" / "runs").iterdir()
+    cfg = OmegaConf.load(run / "config.yaml")
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.optim.schedule_steps == 4_547_000 and cfg.loss.temperature == 0.01
+
+
+@pytest.mark.slow
+def test_sweep_guide_recipe(tmp_path, tiny_student, gist_file, mteb_dir, monkeypatch):
+    """`-m sweep=guide`: the real offline mpnet and MiniLM guides, a tiny student; guide=none runs no_guide."""
+    from tests.test_sweeps import job_dirs, run_in_process, tiny, with_overrides
+
+    run_in_process(with_overrides(recipe("sweep_guide"), tiny(tmp_path, tiny_student, None, gist_file, mteb_dir, guide=False)), monkeypatch)
+    jobs = job_dirs(tmp_path / "logs")
+    assert jobs[0].parent.name.endswith("_guide")
+    cfgs = [OmegaConf.load(j / "config.yaml") for j in jobs]
+    assert [c.guide.name if c.guide else None for c in cfgs] == [
+        "sentence-transformers/all-mpnet-base-v2", "sentence-transformers/all-MiniLM-L6-v2", None]
+    assert [c.loss._target_ for c in cfgs] == ["gist.losses.GISTLoss"] * 2 + ["gist.losses.NoGuideLoss"]
+    assert all((j / "model" / "modules.json").exists() for j in jobs)
+
+
+@pytest.mark.slow
+def test_ddp_recipe_on_two_cpu_processes(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir):
+    from tests.test_sweeps import run_subprocess, tiny, with_overrides
+
+    out = run_subprocess(with_overrides(recipe("ddp"), [*tiny(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir), *CPU]), tmp_path)
+    assert "MEMBER: 2/2" in out
+    (run,) = (tmp_path / "logs" / "quickstart" / "runs").iterdir()  # the child wrote no run folder of its own
+    assert (run / "model" / "modules.json").exists() and (run / "train_ddp_process_1.log").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_torchrun_recipe_one_node_two_processes(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir):
+    from tests.test_sweeps import run_subprocess, tiny, with_overrides
+
+    _, argv = recipes()["torchrun"]
+    assert argv[0] == "torchrun"
+    script = argv.index("scripts/train.py")
+    launcher = with_overrides(argv[1:script], ["--nnodes=1", "--nproc-per-node=2", "--node-rank=0",
+                                               "--master-addr=127.0.0.1", f"--master-port={free_port()}"])
+    run_dir = tmp_path / "torchrun_run"
+    args = with_overrides(argv[script + 1:], [*tiny(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir), *CPU,
+                                              "trainer.devices=2", "trainer.num_nodes=1", f"hydra.run.dir={run_dir}"])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", *launcher, str(ROOT / "scripts" / "train.py")]
+    out = run_subprocess(args, tmp_path, cmd=torchrun)
+    assert "MEMBER: 2/2" in out
+    assert (run_dir / "model" / "modules.json").exists() and (run_dir / "checkpoints" / "last.ckpt").exists()
+    assert not (tmp_path / "logs" / "quickstart").exists()  # every rank wrote to the one run folder
+
+
+class Submitted(Exception):
+    pass
+
+
+def test_slurm_recipe_composes_and_submits_an_sbatch_array(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, monkeypatch):
+    """Cannot submit here: the recipe runs through Hydra and hydra-submitit-launcher up to the sbatch
+    call, which is replaced by a stand-in that keeps the sbatch script submitit wrote and stops."""
+    from submitit.slurm.slurm import SlurmExecutor
+
+    from tests.test_config import load
+    from tests.test_sweeps import run_in_process, tiny, with_overrides
+
+    args = with_overrides(recipe("slurm"), tiny(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir))
+    cfg = load([a.split(",")[0] if "," in a and "[" not in a else a for a in args if a != "-m"])  # job 0's config
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node, launcher.partition) == (2, 8, 8, "gpu")
+    assert cfg.trainer.strategy._target_ == "lightning.pytorch.strategies.DDPStrategy" and cfg.trainer.devices * cfg.trainer.num_nodes == 16
+
+    def fake_submit(self, command):
+        raise Submitted(self._make_submission_file_text(command, "test"))
+
+    # submitit's SLURM executor insists on finding srun; this one is never run (the sbatch call is replaced).
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\necho 'srun stand-in: not a SLURM cluster' >&2\nexit 1\n")
+    (bin_dir / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+    monkeypatch.setattr(SlurmExecutor, "_submit_command", fake_submit)
+    with pytest.raises(Submitted) as sbatch:
+        run_in_process(args, monkeypatch)
+    script = str(sbatch.value)
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --partition=gpu", "#SBATCH --array=0-1%2", "export TOKENIZERS_PARALLELISM=false"):
+        assert line in script, script
+    assert "srun" in script and "submitit.core._submit" in script
