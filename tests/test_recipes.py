@@ -55,13 +55,18 @@ def test_quickstart_recipe(tmp_path, tiny_student, tiny_guide, gist_file, mteb_d
     assert OmegaConf.load(run / "config.yaml").task_name == "quickstart" and (run / "model" / "modules.json").exists()
 
 
-def test_gist_small_recipe_as_written_fails_fast_offline(tmp_path, monkeypatch):
-    from gist.data import DataError
+def test_gist_small_recipe_as_written_fails_fast_offline(tmp_path, monkeypatch, capsys):
+    import re
+
     from tests.test_sweeps import run_in_process
 
     args = [*recipe("gist_small"), f"paths.log_dir={tmp_path / 'logs'}", f"paths.cache_dir={tmp_path / 'cache'}"]
-    with pytest.raises(DataError, match=r"(?s)avsolatorio/medi-data-mteb_avs_triplets@238a0499.*HF_HUB_OFFLINE.*data.train_files"):
+    with pytest.raises(SystemExit) as stop:  # scripts/train.py turns the DataError into one error line, exit 1
         run_in_process(args, monkeypatch)
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert re.search(r"(?ms)^error: hub dataset avsolatorio/medi-data-mteb_avs_triplets@238a0499.*HF_HUB_OFFLINE.*data.train_files", err), err
+    assert "Traceback" not in err
 
 
 def test_gist_small_recipe_on_the_tiny_fixtures(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, monkeypatch):
