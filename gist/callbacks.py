@@ -25,10 +25,12 @@ class Throughput(Callback):
 
 
 class StepSeed(Callback):
-    """Seeds torch's RNG (dropout) before every training batch from (seed, epoch, batch index, rank), so a
-    step's randomness does not depend on what ran before it in this process: a run resumed from a
-    checkpoint draws the same dropout masks as an uninterrupted one (Lightning does not checkpoint RNG
-    states, and validation, DataLoader iterators and restarts consume the global RNG)."""
+    """Seeds torch's RNG (dropout) before every training batch from (seed, the batch's (epoch, index) in the
+    training stream, rank), so a step's randomness does not depend on what ran before it in this process:
+    a run resumed from a checkpoint draws the same dropout masks as an uninterrupted one (Lightning does
+    not checkpoint RNG states; validation, DataLoader iterators and restarts consume the global RNG; and
+    Lightning's batch_idx is not the same after a restart at an epoch's end). Batches without a stream
+    position fall back to (epoch, global step, batch_idx)."""
 
     def __init__(self, seed: int = 42) -> None:
         self.seed = seed
@@ -38,7 +40,9 @@ class StepSeed(Callback):
 
         import torch
 
-        key = f"{self.seed}:{trainer.current_epoch}:{batch_idx}:{trainer.global_rank}".encode()
+        position = batch.get("position") if isinstance(batch, dict) else None
+        where = position if position is not None else (trainer.current_epoch, trainer.global_step, batch_idx)
+        key = f"{self.seed}:{where}:{trainer.global_rank}".encode()
         torch.manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1)
 
 
@@ -57,7 +61,7 @@ class BatchLog(Callback):
         path = Path(self.dir) / f"rank{trainer.global_rank}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         record = {
-            "step": trainer.global_step, "epoch": trainer.current_epoch, "position": batch.get("position"),
+            "step": trainer.global_step, "epoch": trainer.current_epoch, "batch_idx": batch_idx, "position": batch.get("position"),
             "task": batch["task"], "anchor_ids": batch["text_ids"]["anchor"].tolist(),
         }
         with path.open("a") as f:

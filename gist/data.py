@@ -359,6 +359,9 @@ class SameTaskBatches(IterableDataset):
         self.probabilities = mixture_probabilities(self.specs, temperature)
         self.leftovers = leftovers
         self.max_buffered_rows = max_buffered_rows
+        if rank is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Fixed here, in the rank's process: DataLoader workers started with `spawn` see no process group.
+            rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.next_batch = 0  # global batches of `epoch` consumed (by training) / to skip when iterating

@@ -184,18 +184,23 @@ def test_world_size_one_with_workers_keeps_the_sequence(tmp_path):
     assert _rank_batches(path, 0, 1, num_workers=0) == _rank_batches(path, 0, 1, num_workers=3)
 
 
+def _index_task_queries(batch) -> list:
+    return [batch.index, batch[0]["task_name"], [r["query"] for r in batch]]
+
+
 def _ddp_worker(rank: int, world: int, init_file: str, path: str, out: str) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         ds = SameTaskBatches([Path(path)], 4, seed=3, shuffle_buffer=5)  # rank and world from torch.distributed
-        loader = DataLoader(ds, batch_size=None, num_workers=2, collate_fn=lambda b: [b.index, b[0]["task_name"], [r["query"] for r in b]])
+        loader = DataLoader(ds, batch_size=None, num_workers=2, collate_fn=_index_task_queries)
         Path(out).write_text(json.dumps(list(loader)))
     finally:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # ~40 s: two spawned ranks, each with two spawned DataLoader workers
 def test_two_gloo_processes_see_the_same_task_sequence(tmp_path):
     import torch.multiprocessing as mp
 
