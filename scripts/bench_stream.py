@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -78,11 +77,13 @@ def generate(out: Path, rows: int, tasks: int, shard_rows: int, row_group: int, 
     return {"rows": rows, "shards": shards, "bytes": written}
 
 
-def _rss_kib() -> int:
+def _status_kib(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak) of this process. Not getrusage's ru_maxrss: Linux carries that over
+    fork + exec, so a child would report its parent's (the data generator's) peak."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1])
-    return 0
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def measure(data: Path, batch_size: int, shuffle_buffer: int, collate_every: int) -> dict:
@@ -96,7 +97,7 @@ def measure(data: Path, batch_size: int, shuffle_buffer: int, collate_every: int
         collator = Collator(BertTokenizerFast(vocab=str(data / "vocab.txt"), do_lower_case=True), 128)
     shards = sorted(data.glob("*.parquet"))
     stream = SameTaskBatches(shards, batch_size, seed=0, shuffle_buffer=shuffle_buffer)
-    base = _rss_kib()
+    base = _status_kib("VmRSS")
     start = time.perf_counter()
     batches = collated = 0
     for batch in stream:
@@ -105,7 +106,7 @@ def measure(data: Path, batch_size: int, shuffle_buffer: int, collate_every: int
             collator(batch)
             collated += 1
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    peak = _status_kib("VmHWM")
     return {
         "rows": stream.stats["rows"], "batches": batches, "collated": collated, "seconds": round(seconds, 1),
         "rows_per_s": round(stream.stats["rows"] / seconds), "rss_after_imports_mib": round(base / 1024, 1),
