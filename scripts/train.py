@@ -63,8 +63,10 @@ def train(cfg: DictConfig) -> float | None:
     if best:
         state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
-        log.info("best checkpoint: %s (%s = %s)", best, cfg.optimized_metric, trainer.checkpoint_callback.best_model_score)
-        metrics[cfg.optimized_metric] = float(trainer.checkpoint_callback.best_model_score)
+        score = trainer.checkpoint_callback.best_model_score
+        log.info("best checkpoint: %s (%s = %s)", best, cfg.optimized_metric, score)
+        if score is not None:  # None in the launching process of ddp_spawn (only the best path comes back)
+            metrics[cfg.optimized_metric] = float(score)
 
     if trainer.is_global_zero and cfg.get("export"):
         path = export_sentence_transformer(module.student.cpu(), output_dir / "model")

@@ -104,7 +104,7 @@ def test_sigkill_and_resume_with_dataloader_workers(tmp_path, gist_file, tiny_st
 def test_sigkill_and_resume_under_two_process_ddp(tmp_path, gist_file, tiny_student, tiny_guide, mteb_dir):
     """trainer=ddp_sim: 2 CPU processes on gloo, 4 rows per rank (global batches of 8, 9 per epoch)."""
     log = _check_resume(tmp_path, gist_file, tiny_student, tiny_guide, mteb_dir, kill_at=8,
-                        extra=["trainer=ddp_sim", "data.batch_size=4"], ranks=(0, 1))
+                        extra=["trainer=ddp_sim", "trainer.strategy=ddp_spawn_find_unused_parameters_true", "data.batch_size=4"], ranks=(0, 1))
     other = _log(tmp_path / "full", 1)
     for r0, r1 in zip(log, other):
         assert (r0["position"], r0["task"]) == (r1["position"], r1["task"])  # same task on both ranks
