@@ -247,3 +247,21 @@ def test_resume_with_other_data_settings_is_refused(tmp_path):
         SameTaskBatches([path], 4, seed=5, rank=0, world_size=4).load_state_dict(state)
     with pytest.raises(DataError, match="seed"):
         SameTaskBatches([path], 4, seed=6, rank=0, world_size=2).load_state_dict(state)
+
+
+def test_hydra_sources_build_the_weighted_mixture(tmp_path):
+    """`data.sources=[{path: ..., weight: ..., max_rows: ...}]` from the command line, with
+    data.train_files counting as weight 1."""
+    from hydra.utils import instantiate
+
+    from tests.test_config import load
+
+    a, b = _mixture_files(tmp_path)
+    extra = write_jsonl(tmp_path / "c.jsonl", _rows(1, 40, prefix="c-"))
+    cfg = load(["data=files", f"data.train_files=[{extra}]",
+                f"data.sources=[{{path: {a}, weight: 2, max_rows: 100}}, {{path: {b}, weight: 1}}]"])
+    dm = instantiate(cfg.data)
+    specs = dm.sources()
+    assert specs == [SourceSpec(extra, weight=1.0), SourceSpec(a, weight=2, max_rows=100), SourceSpec(b, weight=1)]
+    assert SameTaskBatches(specs, 4).probabilities == pytest.approx([0.25, 0.5, 0.25])
+    assert instantiate(load(["data=files", "data.sources=[]", f"data.train_files=[{a}]", "data.temperature=2"]).data).temperature == 2
