@@ -36,7 +36,7 @@ def fill_cache(cfg: DictConfig, chunk: int = 16384) -> GuideCache:
     cache = GuideCache.for_encoder(cfg.guide_cache.dir, guide, dtype=cfg.guide_cache.dtype)
     pending: list[str] = []
     computed = 0
-    for row in iter_rows(datamodule.sources(), datamodule.prepend_instructions):
+    for row in iter_rows([s.source for s in datamodule.sources()], datamodule.prepend_instructions):
         pending.extend(row[f] for f in ("query", "pos", "neg") if row[f])
         if len(pending) >= chunk:
             computed += cache.fill(guide, pending)
