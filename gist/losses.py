@@ -284,7 +284,25 @@ def _check_mini_batch(mini_batch_size: int | None) -> int | None:
     return mini_batch_size
 
 
-class GISTLoss(nn.Module):
+class _LossModule(nn.Module):
+    """What every loss wrapper shares: a checked temperature, GradCache's `mini_batch_size`, DDP's
+    `gather_across_devices` and the text-identity mask switch."""
+
+    requires_guide = False
+
+    def __init__(self, temperature: float, mask_duplicate_texts: bool, mini_batch_size: int | None, gather_across_devices: bool) -> None:
+        super().__init__()
+        _check_temperature(temperature)
+        self.temperature = temperature
+        self.mini_batch_size = _check_mini_batch(mini_batch_size)
+        self.gather_across_devices = gather_across_devices
+        self.mask_duplicate_texts = mask_duplicate_texts
+
+    def _text_ids(self, text_ids: tuple | None) -> tuple | None:
+        return text_ids if self.mask_duplicate_texts else None
+
+
+class GISTLoss(_LossModule):
     """`gist_loss` with fixed hyper-parameters. Inputs: dicts of anchor/positive/negative embeddings for
     the student (B, d) and the guide, and optional text ids; returns (loss, stats).
 
@@ -310,10 +328,7 @@ class GISTLoss(nn.Module):
         mini_batch_size: int | None = None,
         gather_across_devices: bool = False,
     ) -> None:
-        super().__init__()
-        _check_temperature(temperature)
-        self.mini_batch_size = _check_mini_batch(mini_batch_size)
-        self.gather_across_devices = gather_across_devices
+        super().__init__(temperature, mask_duplicate_texts, mini_batch_size, gather_across_devices)
         if margin_strategy not in ("absolute", "relative"):
             raise ValueError(f"loss.margin_strategy must be 'absolute' or 'relative', got {margin_strategy!r}")
         self.kwargs = dict(
@@ -324,7 +339,6 @@ class GISTLoss(nn.Module):
             contrast_positives=contrast_positives,
             mask_self_pairs=mask_self_pairs,
         )
-        self.mask_duplicate_texts = mask_duplicate_texts
 
     def forward(self, student: dict, guide: dict, text_ids: tuple | None = None, target_offset: int = 0):
         return gist_loss(
@@ -334,7 +348,7 @@ class GISTLoss(nn.Module):
             guide_anchor=guide["anchor"],
             guide_positive=guide["positive"],
             guide_negative=guide.get("negative"),
-            text_ids=text_ids if self.mask_duplicate_texts else None,
+            text_ids=self._text_ids(text_ids),
             target_offset=target_offset,
             anchor_candidates=student.get("anchor_candidates"),
             guide_anchor_candidates=guide.get("anchor_candidates"),
@@ -342,7 +356,7 @@ class GISTLoss(nn.Module):
         )
 
 
-class NoGuideLoss(nn.Module):
+class NoGuideLoss(_LossModule):
     """`no_guide_loss` with fixed hyper-parameters (the GIST loss with every guide veto removed).
     mini_batch_size / gather_across_devices: as in GISTLoss."""
 
@@ -357,26 +371,22 @@ class NoGuideLoss(nn.Module):
         mini_batch_size: int | None = None,
         gather_across_devices: bool = False,
     ) -> None:
-        super().__init__()
-        _check_temperature(temperature)
-        self.mini_batch_size = _check_mini_batch(mini_batch_size)
-        self.gather_across_devices = gather_across_devices
+        super().__init__(temperature, mask_duplicate_texts, mini_batch_size, gather_across_devices)
         self.kwargs = dict(temperature=temperature, contrast_anchors=contrast_anchors, contrast_positives=contrast_positives)
-        self.mask_duplicate_texts = mask_duplicate_texts
 
     def forward(self, student: dict, guide: dict | None = None, text_ids: tuple | None = None, target_offset: int = 0):
         return no_guide_loss(
             student["anchor"],
             student["positive"],
             student.get("negative"),
-            text_ids=text_ids if self.mask_duplicate_texts else None,
+            text_ids=self._text_ids(text_ids),
             target_offset=target_offset,
             anchor_candidates=student.get("anchor_candidates"),
             **self.kwargs,
         )
 
 
-class MNRLLoss(nn.Module):
+class MNRLLoss(_LossModule):
     """`mnrl_loss` with a fixed temperature (plain in-batch negatives, [ap | an]).
     mini_batch_size / gather_across_devices: as in GISTLoss (no aa block: gathered anchors are unused)."""
 
@@ -389,12 +399,7 @@ class MNRLLoss(nn.Module):
         mini_batch_size: int | None = None,
         gather_across_devices: bool = False,
     ) -> None:
-        super().__init__()
-        _check_temperature(temperature)
-        self.mini_batch_size = _check_mini_batch(mini_batch_size)
-        self.gather_across_devices = gather_across_devices
-        self.temperature = temperature
-        self.mask_duplicate_texts = mask_duplicate_texts
+        super().__init__(temperature, mask_duplicate_texts, mini_batch_size, gather_across_devices)
 
     def forward(self, student: dict, guide: dict | None = None, text_ids: tuple | None = None, target_offset: int = 0):
         return mnrl_loss(
@@ -402,6 +407,6 @@ class MNRLLoss(nn.Module):
             student["positive"],
             student.get("negative"),
             temperature=self.temperature,
-            text_ids=text_ids if self.mask_duplicate_texts else None,
+            text_ids=self._text_ids(text_ids),
             target_offset=target_offset,
         )

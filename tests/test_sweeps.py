@@ -187,7 +187,7 @@ def test_every_experiment_runs_fast_dev_run_as_one_multirun(tmp_path, tiny_stude
 # --- DDP jobs inside a sweep (2 CPU processes, gloo), real subprocesses ----------------------------------
 
 
-@pytest.mark.slow
+# In the default run: issue #6 asks for this in `make test` (about 15-50 s on 2 cores).
 @pytest.mark.parametrize("start_method", ["spawn", "popen"])
 def test_sweep_of_ddp_sim_jobs(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, start_method):
     """Two jobs, each 2 processes. start_method=popen is Lightning's subprocess launcher, which re-runs the
