@@ -197,7 +197,7 @@ class GISTModule(LightningModule):
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return
         grads = [p.grad for p in self.student.parameters() if p.grad is not None]
-        if grads and not torch.isfinite(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]).sum()):
+        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):  # one fused (foreach) pass
             bad = [n for n, p in self.student.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
             raise NonFiniteError(
                 f"non-finite gradients at step {self.global_step} in {len(bad)} tensors (first: {bad[0]}): stopping "
