@@ -45,9 +45,10 @@ bench: setup
 	$(PY) scripts/bench.py --out $(BENCH_OUT)
 
 # The ablation study (docs/RESULTS.md): 7 variants x 3 seeds of the quickstart (~2 h on 2 CPU cores), each
-# evaluated on the five tasks, then docs/RESULTS.md written from the sweep's run folders.
+# evaluated on the five tasks; the guide's vetoes per training task; docs/RESULTS.md from both.
 ablation: setup
 	$(PY) scripts/train.py -m sweep=ablation $(ARGS)
+	$(PY) scripts/guide_masking.py --output docs/guide_masking.json
 	$(PY) scripts/results.py
 
 clean:

@@ -106,6 +106,20 @@ def sweep_command(sweep_dir: Path) -> str:
     return "python scripts/train.py -m " + " ".join(overrides)
 
 
+def masking_table(rows: list[dict]) -> str:
+    """scripts/guide_masking.py's rows -> task x (guide, margin): guide vetoes per anchor (effective negatives)."""
+    columns = list(dict.fromkeys((r["guide"], r["margin"]) for r in rows))
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    cell = {(r["task"], r["guide"], r["margin"]): r for r in rows}
+    body = []
+    for task in tasks:
+        first = next(r for r in rows if r["task"] == task)
+        body.append([task, f"{int(first['candidates'])}", *(
+            f"{cell[(task, g, m)]['vetoes_per_anchor']:.2f} ({cell[(task, g, m)]['effective_negatives']:.1f})"
+            if (task, g, m) in cell else "-" for g, m in columns)])
+    return _table(["training task", "candidates C", *(f"{g}, margin {m:g}" for g, m in columns)], body, right_from=1)
+
+
 def _recipe(cfg: dict) -> str:
     """One sentence on what every job trained: student, steps, batch, lr, and the data (from a job's config)."""
     data = cfg["data"]
@@ -126,9 +140,10 @@ def _recipe(cfg: dict) -> str:
 
 
 def results_markdown(sweep_dir: Path, jobs: list[Job], reference: dict, notes: str | None, hw: str,
-                     shown: str | None = None) -> str:
+                     shown: str | None = None, masking: list[dict] | None = None) -> str:
     """The whole of docs/RESULTS.md. reference: data/mteb/reference_scores.json's content (or {}); notes: the
-    hand-written reading (or None); hw: the hardware line; shown: how to name the sweep folder."""
+    hand-written reading (or None); hw: the hardware line; shown: how to name the sweep folder; masking:
+    scripts/guide_masking.py's JSON rows (or None)."""
     sweep_dir = Path(sweep_dir)
     order = variant_order(jobs)
     scores = scores_frame(jobs)
@@ -208,6 +223,17 @@ def results_markdown(sweep_dir: Path, jobs: list[Job], reference: dict, notes: s
             "",
             train_table(jobs, order),
             ""]
+    if masking:
+        out += ["## Where the guide masks",
+                "",
+                "Guide only, no training (`python scripts/guide_masking.py --output docs/guide_masking.json`): random "
+                "same-task batches of 16 from the same training files, the mask gist_loss computes from the guide's "
+                "cached embeddings. Per training task: guide vetoes per anchor beyond its own anchor and positive "
+                "(effective negatives in brackets). The masked fractions of the table above mix these tasks in the "
+                "proportions the stream drew them.",
+                "",
+                masking_table(masking),
+                ""]
     if notes:
         out += ["## Reading", "", notes.strip(), ""]
     return "\n".join(out)

@@ -1,11 +1,12 @@
-"""Render docs/RESULTS.md from an ablation sweep's run folders (conf/sweep/ablation.yaml); logic in gist/ablation.py.
+"""Render docs/RESULTS.md from an ablation sweep's run folders (conf/sweep/ablation.yaml); logic in gist/ablation.py, gist/report.py.
 
     python scripts/results.py                                            # the newest logs/ablation/multiruns/*_ablation
     python scripts/results.py logs/ablation/multiruns/<time>_ablation --output docs/RESULTS.md
     python scripts/results.py <sweep> --allow-incomplete --output /tmp/partial.md   # while it runs
 
 Every number in the output is read from the sweep's folders (eval/*.json, csv/metrics.csv, file times,
-config.yaml) or from data/mteb/reference_scores.json. The prose of `--notes` (default
+config.yaml), from data/mteb/reference_scores.json, or from `--masking` (scripts/guide_masking.py's
+JSON, default docs/guide_masking.json). The prose of `--notes` (default
 docs/RESULTS.notes.md) is inserted as written: it is the hand-written reading of the tables and must not
 quote numbers, which would go stale on a rerun.
 """
@@ -57,6 +58,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--output", default=str(ROOT / "docs" / "RESULTS.md"))
     parser.add_argument("--notes", default=str(ROOT / "docs" / "RESULTS.notes.md"), help="hand-written reading ('' for none)")
     parser.add_argument("--reference", default=str(ROOT / "data" / "mteb" / "reference_scores.json"))
+    parser.add_argument("--masking", default=str(ROOT / "docs" / "guide_masking.json"),
+                        help="scripts/guide_masking.py --output JSON to include ('' for none)")
     parser.add_argument("--log-dir", default=str(ROOT / "logs"))
     parser.add_argument("--allow-incomplete", action="store_true", help="render the finished jobs of a running sweep")
     args = parser.parse_args(argv)
@@ -69,8 +72,9 @@ def main(argv: list[str]) -> int:
         return 1
     reference = json.loads(Path(args.reference).read_text()) if args.reference and Path(args.reference).is_file() else {}
     notes = Path(args.notes).read_text() if args.notes and Path(args.notes).is_file() else None
+    masking = json.loads(Path(args.masking).read_text()) if args.masking and Path(args.masking).is_file() else None
     shown = sweep_dir.relative_to(ROOT) if sweep_dir.is_relative_to(ROOT) else sweep_dir
-    text = results_markdown(sweep_dir, jobs, reference, notes, hardware(), shown=str(shown))
+    text = results_markdown(sweep_dir, jobs, reference, notes, hardware(), shown=str(shown), masking=masking)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(text)
     print(f"{args.output}: {len(jobs)} jobs of {sweep_dir}")

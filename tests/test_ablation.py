@@ -146,7 +146,7 @@ def test_results_script_on_a_tiny_real_sweep(tmp_path, tiny_student, tiny_guide,
     out = tmp_path / "RESULTS.md"
     notes = tmp_path / "notes.md"
     notes.write_text("Hand-written reading goes here.\n")
-    assert results_main([str(sweep), "--output", str(out), "--notes", str(notes), "--reference", ""]) == 0
+    assert results_main([str(sweep), "--output", str(out), "--notes", str(notes), "--reference", "", "--masking", ""]) == 0
     text = out.read_text()
     # Every number comes from the run folders: recompute two cells independently of gist/ablation.py.
     task = "TinySTS"
@@ -190,3 +190,9 @@ def test_guide_masking_script_counts_what_the_loss_masks(tmp_path, tiny_guide, c
         assert got[(task, 2.0)]["vetoes_per_anchor"] == pytest.approx(C - 3)
         assert got[(task, 0.0)]["masked_frac"] <= got[(task, 2.0)]["masked_frac"]
     assert "| guide | toy | 2.000 | 12 | 13.000 | 0.938 | 0.000 | 16.000 |" in capsys.readouterr().out
+    # The RESULTS.md section made from this JSON: per task, vetoes per anchor (effective negatives) per guide x margin.
+    from gist.report import masking_table
+
+    table = masking_table(json.loads(out.read_text()))
+    assert "| training task | candidates C | guide, margin 0 | guide, margin 2 |" in table
+    assert "| toy | 16 | " in table and "| 13.00 (0.0) |" in table
