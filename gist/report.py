@@ -33,6 +33,10 @@ def _pm(mean: float, std: float) -> str:
     return f"{mean:.2f}" if np.isnan(std) else f"{mean:.2f} ± {std:.2f}"
 
 
+def _signed(x: float) -> str:
+    return f"{x:+.2f}".replace("-0.00", "+0.00")
+
+
 def _table(header: list[str], rows: list[list[str]], right_from: int = 1) -> str:
     align = ["---" if i < right_from else "---:" for i in range(len(header))]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
@@ -61,7 +65,7 @@ def task_table(scores: pd.DataFrame, base: dict[str, float], task: str, order: l
     for v in order:
         seeds = scores[(scores.variant == v) & (scores.task == task)].sort_values("seed")
         mean, std = per.loc[(v, task), "mean"], per.loc[(v, task), "std"]
-        rows.append([v, _pm(mean, std), f"{mean - base[task]:+.2f}",
+        rows.append([v, _pm(mean, std), _signed(mean - base[task]),
                      " / ".join(f"{s:.2f}" for s in seeds.score)])
     if published is not None:
         before, after = published
@@ -79,7 +83,7 @@ def contrast_table(scores: pd.DataFrame, contrasts: list[tuple[str, str]]) -> st
         if variant not in present or reference not in present:
             continue
         diff = paired_difference(scores, variant, reference).set_index("task")
-        cells = [f"{diff.loc[t, 'mean']:+.2f} ± {diff.loc[t, 'std']:.2f} ({int(diff.loc[t, 'wins'])}/{int(diff.loc[t, 'n'])})"
+        cells = [f"{_signed(diff.loc[t, 'mean'])} ± {diff.loc[t, 'std']:.2f} ({int(diff.loc[t, 'wins'])}/{int(diff.loc[t, 'n'])})"
                  for t in tasks]
         rows.append([f"{variant} - {reference}", *cells])
     return _table(["difference", *(_short(t) for t in tasks)], rows)
@@ -229,7 +233,9 @@ def results_markdown(sweep_dir: Path, jobs: list[Job], reference: dict, notes: s
                 "Guide only, no training (`python scripts/guide_masking.py --output docs/guide_masking.json`): random "
                 "same-task batches of 16 from the same training files, the mask gist_loss computes from the guide's "
                 "cached embeddings. Per training task: guide vetoes per anchor beyond its own anchor and positive "
-                "(effective negatives in brackets). The masked fractions of the table above mix these tasks in the "
+                "(effective negatives in brackets); slightly negative where the guide scores an anchor and its positive "
+                "as high as a text with itself (near-identical pairs, float16 storage), so that the strict rule "
+                "leaves the row's own anchor unmasked. The masked fractions of the table above mix these tasks in the "
                 "proportions the stream drew them.",
                 "",
                 masking_table(masking),
