@@ -111,7 +111,8 @@ def test_every_ready_sweep_composes_and_each_value_is_a_valid_override(sweep):
 
 def test_paper_ablation_axes_are_all_there():
     axes = {key for s in SWEEPS for key in load([f"sweep={s}"]).hydra.sweeper.params}
-    assert axes == {"guide", "loss", "loss.margin", "data.batch_size", "optim.lr", "optim.warmup_steps", "loss.temperature"}
+    assert axes == {"guide", "loss", "loss.margin", "data.batch_size", "optim.lr", "optim.warmup_steps", "loss.temperature",
+                    "ablation", "seed"}  # the last two: sweep=ablation (variants of conf/ablation/ x seeds)
 
 
 def test_guide_none_selects_a_guide_free_loss_unless_one_is_chosen():
