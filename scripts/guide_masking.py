@@ -57,12 +57,16 @@ def task_of(path: Path) -> str:
     return stem.removeprefix("mteb-").removesuffix("-avs_triplets")
 
 
-def batch_stats(cache: GuideCache, batch: list[dict], margin: float) -> dict[str, float]:
+def batch_embeddings(cache: GuideCache, batch: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The guide's cached (anchor, positive, negative) embeddings of a batch; negative None for pairs."""
     def emb(texts: list[str]) -> torch.Tensor:
         return cache.lookup([text_id(t) for t in texts]).float()
 
-    anchor, positive = emb([r["anchor"] for r in batch]), emb([r["positive"] for r in batch])
     negative = emb([r["negative"] for r in batch]) if all(r["negative"] for r in batch) else None
+    return emb([r["anchor"] for r in batch]), emb([r["positive"] for r in batch]), negative
+
+
+def batch_stats(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor | None, margin: float) -> dict[str, float]:
     _, stats = gist_loss(anchor, positive, negative, guide_anchor=anchor, guide_positive=positive,
                          guide_negative=negative, margin=margin)
     C = float(stats["candidates"])
@@ -98,10 +102,11 @@ def main(argv: list[str]) -> int:
         for task, rows in data.items():
             rng = random.Random(args.seed)
             batches = [rng.sample(rows, args.batch_size) for _ in range(args.batches)] if len(rows) >= args.batch_size else [rows]
+            embedded = [batch_embeddings(cache, batch) for batch in batches]  # looked up once, used for every margin
             for margin in args.margins:
                 sums = defaultdict(float)
-                for batch in batches:
-                    for key, value in batch_stats(cache, batch, margin).items():
+                for embeddings in embedded:
+                    for key, value in batch_stats(*embeddings, margin).items():
                         sums[key] += value
                 results.append({"guide": guide_name.rsplit("/", 1)[-1], "task": task, "margin": margin, "rows": len(rows),
                                 **{k: v / len(batches) for k, v in sums.items()}})
