@@ -17,7 +17,7 @@ export PYTHONUNBUFFERED := 1
 
 BENCH_OUT ?= bench.json
 
-.PHONY: setup train test test-slow test-all bench ablation clean
+.PHONY: setup train test test-fast test-slow test-all lint format bench ablation clean
 
 # torch is pinned in the SAME pip command as everything else: unpinned, pip pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml requirements.lock
@@ -26,13 +26,29 @@ $(STAMP): pyproject.toml requirements.lock
 	@touch $(STAMP)
 
 setup: $(STAMP)
-	@$(PY) -m gist.offline_models --check >/dev/null 2>&1 || $(PY) -m gist.offline_models
+	@$(PY) -m gist.infra.offline_models --check >/dev/null 2>&1 || $(PY) -m gist.infra.offline_models
 
 train: setup
 	$(PY) scripts/train.py $(ARGS)
 
-test: setup
-	WANDB_MODE=offline $(PY) -m pytest $(PYTEST_ARGS)
+# Test tiers (markers in pyproject.toml): test-fast = unit tests only (< 30 s on 2 cores); test = the
+# default tier, every feature end to end on tiny models (< 3 min of test time on 2 cores; what CI runs);
+# test-slow = the slow tier alone; test-all = both.
+test: setup lint
+	WANDB_MODE=offline $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Form (config in pyproject.toml): lint and formatting are checked, never rewritten, by `make test`.
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+# Apply ruff's fixes and formatting.
+format: setup
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+test-fast: setup
+	WANDB_MODE=offline $(PY) -m pytest -m "unit and not slow" $(PYTEST_ARGS)
 
 test-slow: setup
 	WANDB_MODE=offline $(PY) -m pytest -m slow $(PYTEST_ARGS)

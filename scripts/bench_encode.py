@@ -20,8 +20,12 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = (("Banking77Classification", "text"), ("EmotionClassification", "text"),
-           ("TweetSentimentExtractionClassification", "text"), ("STSBenchmark", "sentence1"))
+SOURCES = (
+    ("Banking77Classification", "text"),
+    ("EmotionClassification", "text"),
+    ("TweetSentimentExtractionClassification", "text"),
+    ("STSBenchmark", "sentence1"),
+)
 
 
 def sample_texts(data_dir: Path, per_task: int, seed: int = 0) -> list[str]:
@@ -42,7 +46,7 @@ def timed(fn) -> tuple[float, float]:
 def main() -> None:
     from sentence_transformers import SentenceTransformer
 
-    from gist.encoder import Encoder
+    from gist.core.encoder import Encoder
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
@@ -56,24 +60,31 @@ def main() -> None:
     texts = sample_texts(Path(args.data_dir), args.per_task)
     ours, st = Encoder(args.model).eval(), SentenceTransformer(args.model, device="cpu")
     diff = (ours.encode(texts[:64]) - torch.from_numpy(st.encode(texts[:64]))).abs().max().item()
-    print(f"{args.model}: {len(texts)} texts, batch {args.batch_size}, {torch.get_num_threads()} threads, "
-          f"max |ours - ST| = {diff:.2e}")
+    print(
+        f"{args.model}: {len(texts)} texts, batch {args.batch_size}, {torch.get_num_threads()} threads, "
+        f"max |ours - ST| = {diff:.2e}"
+    )
     chunks = [texts[i : i + args.chunk] for i in range(0, len(texts), args.chunk)]
-    encoders = {"gist Encoder.encode": lambda t: ours.encode(t, batch_size=args.batch_size),
-                "SentenceTransformer.encode": lambda t: st.encode(t, batch_size=args.batch_size)}
+    encoders = {
+        "gist Encoder.encode": lambda t: ours.encode(t, batch_size=args.batch_size),
+        "SentenceTransformer.encode": lambda t: st.encode(t, batch_size=args.batch_size),
+    }
     totals = {name: [0.0, 0.0] for name in encoders}
     for r in range(args.rounds):
         per_round = {name: [0.0, 0.0] for name in encoders}
         for i, chunk in enumerate(chunks):
             names = list(encoders) if (r + i) % 2 == 0 else list(encoders)[::-1]
             for name in names:
-                wall, cpu = timed(lambda: encoders[name](chunk))
+                wall, cpu = timed(lambda name=name, chunk=chunk: encoders[name](chunk))
                 per_round[name][0] += wall
                 per_round[name][1] += cpu
         for name, (wall, cpu) in per_round.items():
             totals[name][0] += wall
             totals[name][1] += cpu
-            print(f"round {r} {name:28s} {len(texts) / wall:7.1f} texts/s wall, {len(texts) / cpu:7.1f} texts/CPU-s", flush=True)
+            print(
+                f"round {r} {name:28s} {len(texts) / wall:7.1f} texts/s wall, {len(texts) / cpu:7.1f} texts/CPU-s",
+                flush=True,
+            )
     n = len(texts) * args.rounds
     for name, (wall, cpu) in totals.items():
         print(f"all   {name:28s} {n / wall:7.1f} texts/s wall, {n / cpu:7.1f} texts/CPU-s")

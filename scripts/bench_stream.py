@@ -56,20 +56,39 @@ def generate(out: Path, rows: int, tasks: int, shard_rows: int, row_group: int, 
     while row < rows:
         n = min(shard_rows, rows - row)
         path = out / f"train-{shards:05d}.parquet"
-        with pq.ParquetWriter(path, pa.schema([
-            ("query", pa.string()), ("pos", pa.string()), ("neg", pa.string()), ("task_name", pa.string()),
-            ("query_instruct", pa.string()), ("pos_instruct", pa.string()), ("neg_instruct", pa.string()),
-            ("symmetric", pa.bool_()),
-        ])) as writer:
+        with pq.ParquetWriter(
+            path,
+            pa.schema(
+                [
+                    ("query", pa.string()),
+                    ("pos", pa.string()),
+                    ("neg", pa.string()),
+                    ("task_name", pa.string()),
+                    ("query_instruct", pa.string()),
+                    ("pos_instruct", pa.string()),
+                    ("neg_instruct", pa.string()),
+                    ("symmetric", pa.bool_()),
+                ]
+            ),
+        ) as writer:
             for start in range(0, n, row_group):
                 m = min(row_group, n - start)
                 task = task_names[rng.choice(tasks, size=m, p=task_p)].tolist()
-                writer.write_table(pa.table({
-                    "query": texts(m, 80), "pos": texts(m, 400), "neg": texts(m, 400), "task_name": task,
-                    "query_instruct": ["Represent the query for retrieval:"] * m,
-                    "pos_instruct": ["Represent the document:"] * m, "neg_instruct": ["Represent the document:"] * m,
-                    "symmetric": [False] * m,
-                }), row_group_size=row_group)
+                writer.write_table(
+                    pa.table(
+                        {
+                            "query": texts(m, 80),
+                            "pos": texts(m, 400),
+                            "neg": texts(m, 400),
+                            "task_name": task,
+                            "query_instruct": ["Represent the query for retrieval:"] * m,
+                            "pos_instruct": ["Represent the document:"] * m,
+                            "neg_instruct": ["Represent the document:"] * m,
+                            "symmetric": [False] * m,
+                        }
+                    ),
+                    row_group_size=row_group,
+                )
         written += path.stat().st_size
         shards += 1
         row += n
@@ -88,7 +107,8 @@ def _status_kib(field: str) -> int:
 
 def measure(data: Path, batch_size: int, shuffle_buffer: int, collate_every: int) -> dict:
     """One epoch of the stream over every shard in `data` (run in a fresh process)."""
-    from gist.data import Collator, SameTaskBatches
+    from gist.data.batching import SameTaskBatches
+    from gist.data.collate import Collator
 
     collator = None
     if collate_every:
@@ -108,9 +128,14 @@ def measure(data: Path, batch_size: int, shuffle_buffer: int, collate_every: int
     seconds = time.perf_counter() - start
     peak = _status_kib("VmHWM")
     return {
-        "rows": stream.stats["rows"], "batches": batches, "collated": collated, "seconds": round(seconds, 1),
-        "rows_per_s": round(stream.stats["rows"] / seconds), "rss_after_imports_mib": round(base / 1024, 1),
-        "peak_rss_mib": round(peak / 1024, 1), "peak_buffered_rows": stream.stats["peak_buffered_rows"],
+        "rows": stream.stats["rows"],
+        "batches": batches,
+        "collated": collated,
+        "seconds": round(seconds, 1),
+        "rows_per_s": round(stream.stats["rows"] / seconds),
+        "rss_after_imports_mib": round(base / 1024, 1),
+        "peak_rss_mib": round(peak / 1024, 1),
+        "peak_buffered_rows": stream.stats["peak_buffered_rows"],
         "leftover_rows": stream.stats["leftover_rows"],
     }
 
@@ -140,13 +165,30 @@ def main() -> None:
             data = root / f"rows{rows}"
             t0 = time.perf_counter()
             info = generate(data, rows, args.tasks, args.shard_rows, args.row_group)
-            print(f"generated {rows:,} rows in {info['shards']} shards, {info['bytes'] / 2**20:.0f} MiB parquet, "
-                  f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
-            cmd = [sys.executable, __file__, "--measure", str(data), "--batch-size", str(args.batch_size),
-                   "--shuffle-buffer", str(args.shuffle_buffer), "--collate-every", str(args.collate_every)]
+            print(
+                f"generated {rows:,} rows in {info['shards']} shards, {info['bytes'] / 2**20:.0f} MiB parquet, "
+                f"{time.perf_counter() - t0:.0f} s",
+                file=sys.stderr,
+            )
+            cmd = [
+                sys.executable,
+                __file__,
+                "--measure",
+                str(data),
+                "--batch-size",
+                str(args.batch_size),
+                "--shuffle-buffer",
+                str(args.shuffle_buffer),
+                "--collate-every",
+                str(args.collate_every),
+            ]
             env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-            result = {"data_rows": rows, "parquet_mib": round(info["bytes"] / 2**20), **json.loads(out.splitlines()[-1])}
+            result = {
+                "data_rows": rows,
+                "parquet_mib": round(info["bytes"] / 2**20),
+                **json.loads(out.splitlines()[-1]),
+            }
             results.append(result)
             print(json.dumps(result), file=sys.stderr)
             if not args.keep:
@@ -154,13 +196,17 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    print(f"\nbatch_size {args.batch_size}, shuffle_buffer {args.shuffle_buffer}, {args.tasks} tasks (scattered), "
-          f"collate every {args.collate_every or '-'} batch(es)\n")
+    print(
+        f"\nbatch_size {args.batch_size}, shuffle_buffer {args.shuffle_buffer}, {args.tasks} tasks (scattered), "
+        f"collate every {args.collate_every or '-'} batch(es)\n"
+    )
     print("| rows | parquet MiB | batches | s | rows/s | RSS after imports MiB | peak RSS MiB | peak buffered rows |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['data_rows']:,} | {r['parquet_mib']} | {r['batches']:,} | {r['seconds']} | {r['rows_per_s']:,} | "
-              f"{r['rss_after_imports_mib']} | {r['peak_rss_mib']} | {r['peak_buffered_rows']:,} |")
+        print(
+            f"| {r['data_rows']:,} | {r['parquet_mib']} | {r['batches']:,} | {r['seconds']} | {r['rows_per_s']:,} | "
+            f"{r['rss_after_imports_mib']} | {r['peak_rss_mib']} | {r['peak_buffered_rows']:,} |"
+        )
     if len(results) > 1:
         lo, hi = min(r["peak_rss_mib"] for r in results), max(r["peak_rss_mib"] for r in results)
         print(f"\npeak RSS spread: {100 * (hi - lo) / lo:.1f}% (max vs min)")

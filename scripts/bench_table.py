@@ -1,71 +1,17 @@
-"""Render the JSON of `make bench` (scripts/bench.py --out FILE) as the markdown table of docs/PERFORMANCE.md.
+"""Render the JSON of `make bench` (scripts/bench.py --out FILE) as the markdown table of docs/PERFORMANCE.md;
+logic in gist/analysis/bench_table.py.
 
     python scripts/bench_table.py bench.json
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
-TARGETS = {
-    "same_work_fp32": ("ratio", ">=", 1.1),
-    "mpnet_guide_cached_bf16": ("ratio", ">=", 4.0),
-    "gradcache_memory": ("ratio", "<=", 2.0),
-    "flop_bound": ("step_over_bound", "<=", 1.5),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def _verdict(key: str, value: float) -> str:
-    if key not in TARGETS:
-        return ""
-    _, op, bound = TARGETS[key]
-    met = value >= bound if op == ">=" else value <= bound
-    return f"{op} {bound:g}: {'met' if met else 'MISSED'}"
-
-
-def table(result: dict) -> str:
-    lines = [
-        "| key | ours | sentence-transformers | ratio | target |",
-        "|---|---:|---:|---:|---|",
-    ]
-    for key, row in result.items():
-        if isinstance(row, dict) and "ours_pairs_per_s" in row:
-            setting = f" ({row['st_setting']})" if "st_setting" in row else ""
-            lines.append(
-                f"| `{key}` | {row['ours_pairs_per_s']:.1f} pairs/s ({row['ours_step_s']:.2f} s/step) "
-                f"| {row['st_pairs_per_s']:.1f} pairs/s{setting} | {row['ratio']:.2f} | {_verdict(key, row['ratio'])} |"
-            )
-    mem = result.get("gradcache_memory")
-    if mem:
-        lines.append(
-            f"| `gradcache_memory` | GradCache batch {mem['gradcache_batch']} (mini {mem['mini_batch_size']}): "
-            f"{mem['gradcache_peak_rss_mib']:.0f} MiB peak | plain batch {mem['plain_batch']}: "
-            f"{mem['plain_peak_rss_mib']:.0f} MiB peak | {mem['ratio']:.2f} | {_verdict('gradcache_memory', mem['ratio'])} |"
-        )
-    fb = result.get("flop_bound")
-    if fb:
-        lines.append(
-            f"| `flop_bound` | step {fb['step_s']:.2f} s | bound {fb['bound_s']:.2f} s = {fb['flops_per_step'] / 1e9:.1f} GFLOP "
-            f"at {fb['matmul_peak_gflops']:.0f} GFLOP/s ({fb['precision']}) | {fb['step_over_bound']:.2f} "
-            f"| {_verdict('flop_bound', fb['step_over_bound'])} |"
-        )
-    if mem and "growth_over_fit_start_mib" in mem:
-        lines += ["", "Peak RSS growth during fit, over the RSS at fit start (models, optimizer and data loaded):", ""]
-        lines += ["| run | MiB |", "|---|---:|"]
-        lines += [f"| {k} | {v:.0f} |" for k, v in mem["growth_over_fit_start_mib"].items()]
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("bench_json")
-    args = parser.parse_args(argv)
-    print(table(json.loads(Path(args.bench_json).read_text())))
-    return 0
-
+from gist.analysis.bench_table import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,7 +6,8 @@
 
 Same Hydra config as scripts/train.py, so the cache it fills is exactly the one training looks up
 (guide, pooling, max length, storage dtype). Texts are embedded in chunks as the data streams by;
-already-cached texts are skipped, so an interrupted run resumes where it stopped.
+already-cached texts are skipped, so an interrupted run resumes where it stopped. Logic:
+gist.core.guide_cache.fill_from_datamodule.
 """
 
 from __future__ import annotations
@@ -21,35 +22,19 @@ import hydra  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from gist.data import iter_rows  # noqa: E402
-from gist.guide_cache import GuideCache  # noqa: E402
+from gist.core.guide_cache import fill_from_datamodule  # noqa: E402
 
 log = logging.getLogger("gist.cache_guide")
 
 
-def fill_cache(cfg: DictConfig, chunk: int = 16384) -> GuideCache:
-    if not cfg.get("guide"):
-        raise ValueError("this config has no guide (guide=none): nothing to cache")
-    datamodule = instantiate(cfg.data)
-    datamodule.check_sources()
-    guide = instantiate(cfg.guide)
-    cache = GuideCache.for_encoder(cfg.guide_cache.dir, guide, dtype=cfg.guide_cache.dtype)
-    pending: list[str] = []
-    computed = 0
-    for row in iter_rows([s.source for s in datamodule.sources()], datamodule.prepend_instructions):
-        pending.extend(row[f] for f in ("query", "pos", "neg") if row[f])
-        if len(pending) >= chunk:
-            computed += cache.fill(guide, pending)
-            pending = []
-            log.info("guide cache %s: %d computed so far, %d cached", cache.dir, computed, len(cache))
-    computed += cache.fill(guide, pending)
-    print(f"guide cache {cache.dir}: {computed} texts computed, {len(cache)} cached")
-    return cache
-
-
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    fill_cache(cfg)
+    if not cfg.get("guide"):
+        raise SystemExit("error: this config has no guide (guide=none): nothing to cache")
+    cache, computed = fill_from_datamodule(
+        instantiate(cfg.data), instantiate(cfg.guide), cfg.guide_cache.dir, dtype=cfg.guide_cache.dtype, log=log.info
+    )
+    print(f"guide cache {cache.dir}: {computed} texts computed, {len(cache)} cached")
 
 
 if __name__ == "__main__":

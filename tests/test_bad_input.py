@@ -4,19 +4,14 @@ row and the problem; `data.on_bad_row=skip` drops bad rows and counts them per r
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from gist.data import DataError, HubDataset, iter_rows, validate_sources
-from gist.datamodule import GISTDataModule
-from tests.conftest import write_jsonl
-
-ROOT = Path(__file__).resolve().parents[1]
+from gist.data.datamodule import GISTDataModule
+from gist.data.records import DataError, HubDataset, iter_rows, validate_sources
+from tests.helpers import run_in_process, write_jsonl
 
 # (raw line, reason, words of the message)
 BAD_LINES = [
@@ -24,10 +19,26 @@ BAD_LINES = [
     (b'{"pos": "p", "task_name": "task-a", "neg": "n"}', "missing_column", "missing column 'query'"),
     (b'{"query": "q", "pos": "p", "neg": "n"}', "missing_column", "missing column 'task_name'"),
     (b'{"query": 3, "pos": "p", "neg": "n", "task_name": "task-a"}', "wrong_type", "'query' must be a string, got int"),
-    (b'{"query": "q", "pos": ["p"], "neg": "n", "task_name": "task-a"}', "wrong_type", "'pos' must be a string, got list"),
-    (b'{"query": "q", "pos": "p", "neg": "n", "task_name": "task-a", "symmetric": "yes"}', "wrong_type", "'symmetric' must be a boolean"),
-    (b'{"query": "", "pos": "p", "neg": "n", "task_name": "task-a"}', "empty_text", "'query' is empty or whitespace-only"),
-    (b'{"query": "q", "pos": " \\t\\n ", "neg": "n", "task_name": "task-a"}', "empty_text", "'pos' is empty or whitespace-only"),
+    (
+        b'{"query": "q", "pos": ["p"], "neg": "n", "task_name": "task-a"}',
+        "wrong_type",
+        "'pos' must be a string, got list",
+    ),
+    (
+        b'{"query": "q", "pos": "p", "neg": "n", "task_name": "task-a", "symmetric": "yes"}',
+        "wrong_type",
+        "'symmetric' must be a boolean",
+    ),
+    (
+        b'{"query": "", "pos": "p", "neg": "n", "task_name": "task-a"}',
+        "empty_text",
+        "'query' is empty or whitespace-only",
+    ),
+    (
+        b'{"query": "q", "pos": " \\t\\n ", "neg": "n", "task_name": "task-a"}',
+        "empty_text",
+        "'pos' is empty or whitespace-only",
+    ),
     (b'{"query": "q\xff\xfe", "pos": "p", "task_name": "task-a"}', "invalid_utf8", "invalid UTF-8"),
     (b'["q", "p"]', "not_an_object", "expected a JSON object, got list"),
     (b'{"query": "q", "pos": "p", "task_name": "task-a"}', "inconsistent_negatives", "task 'task-a' lacks a 'neg'"),
@@ -42,8 +53,11 @@ def _dirty_file(tmp_path: Path, gist_rows: list[dict], bad: list[bytes], name="d
     return path
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("line,reason,problem", BAD_LINES, ids=[f"{b[1]}-{i}" for i, b in enumerate(BAD_LINES)])
-def test_each_bad_row_stops_with_source_row_and_problem_or_is_skipped_and_counted(tmp_path, gist_rows, line, reason, problem):
+def test_each_bad_row_stops_with_source_row_and_problem_or_is_skipped_and_counted(
+    tmp_path, gist_rows, line, reason, problem
+):
     path = _dirty_file(tmp_path, gist_rows, [line])
     with pytest.raises(DataError) as err:
         validate_sources([path])
@@ -57,6 +71,7 @@ def test_each_bad_row_stops_with_source_row_and_problem_or_is_skipped_and_counte
     assert [r["query"] for r in rows] == [r["query"] for r in gist_rows]
 
 
+@pytest.mark.unit
 def test_skip_counts_every_reason_in_one_file(tmp_path, gist_rows):
     path = _dirty_file(tmp_path, gist_rows, [line for line, _, _ in BAD_LINES])
     skipped = Counter()
@@ -64,6 +79,7 @@ def test_skip_counts_every_reason_in_one_file(tmp_path, gist_rows):
     assert skipped == Counter(reason for _, reason, _ in BAD_LINES)
 
 
+@pytest.mark.unit
 def test_a_task_with_one_row_is_an_error_or_skipped(tmp_path, gist_rows):
     rows = gist_rows + [dict(gist_rows[0], task_name="lonely", query="only row")]
     path = write_jsonl(tmp_path / "lonely.jsonl", rows)
@@ -75,6 +91,7 @@ def test_a_task_with_one_row_is_an_error_or_skipped(tmp_path, gist_rows):
     assert "lonely" not in counts and skipped == {"single_row_task": 1}
 
 
+@pytest.mark.unit
 def test_unreadable_files_are_named(tmp_path, gist_rows, monkeypatch):
     corrupt = tmp_path / "corrupt.parquet"
     corrupt.write_bytes(b"PAR1 this is not parquet")
@@ -96,6 +113,7 @@ def test_unreadable_files_are_named(tmp_path, gist_rows, monkeypatch):
         validate_sources([tmp_path / "missing.jsonl"], on_bad_row="skip")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("error", ["dataset", "revision"])
 def test_unknown_hub_dataset_or_revision_fails_in_check_sources(monkeypatch, error):
     import datasets
@@ -103,7 +121,9 @@ def test_unknown_hub_dataset_or_revision_fails_in_check_sources(monkeypatch, err
 
     def fake_load(path, name=None, revision=None, split=None, streaming=False):
         if error == "dataset":
-            raise datasets.exceptions.DatasetNotFoundError(f"Dataset '{path}' doesn't exist on the Hub or cannot be accessed.")
+            raise datasets.exceptions.DatasetNotFoundError(
+                f"Dataset '{path}' doesn't exist on the Hub or cannot be accessed."
+            )
         import httpx
 
         url = f"https://huggingface.co/api/datasets/{path}/revision/{revision}"
@@ -119,6 +139,7 @@ def test_unknown_hub_dataset_or_revision_fails_in_check_sources(monkeypatch, err
     assert ("DatasetNotFoundError" if error == "dataset" else "RevisionNotFoundError") in first
 
 
+@pytest.mark.unit
 def test_check_sources_reads_every_row_before_any_model_loads(tmp_path, gist_rows):
     path = _dirty_file(tmp_path, gist_rows, [BAD_LINES[0][0]])
     with pytest.raises(DataError, match=rf"{path}: row 7: malformed JSON"):
@@ -131,15 +152,28 @@ def test_check_sources_reads_every_row_before_any_model_loads(tmp_path, gist_row
 
 
 def test_skip_trains_and_reports_counts_in_the_run_dir_and_metrics(tmp_path, tiny_student, gist_rows, mteb_dir):
-    from tests.test_train import tiny_cfg, train_script
+    from gist.train import train
+    from tests.helpers import assert_metric, assert_run_files, tiny_cfg
 
     path = _dirty_file(tmp_path, gist_rows, [line for line, _, _ in BAD_LINES])
-    cfg = tiny_cfg(tmp_path, tiny_student, None, path, mteb_dir, [
-        "guide=none", "loss=mnrl", "data.on_bad_row=skip", "export=false", "compare_tasks_dir=null",
-        "trainer.max_steps=3",
-    ])
-    train_script.train(cfg)
+    cfg = tiny_cfg(
+        tmp_path,
+        tiny_student,
+        None,
+        path,
+        mteb_dir,
+        [
+            "guide=none",
+            "loss=mnrl",
+            "data.on_bad_row=skip",
+            "export=false",
+            "compare_tasks_dir=null",
+            "trainer.max_steps=3",
+        ],
+    )
+    assert_metric(train(cfg))
     run = Path(cfg.paths.output_dir)
+    assert_run_files(run, model=False)
     report = json.loads((run / "bad_rows.json").read_text())
     assert report["skipped_rows"] == len(BAD_LINES)
     assert report["by_reason"] == dict(Counter(reason for _, reason, _ in BAD_LINES))
@@ -148,15 +182,29 @@ def test_skip_trains_and_reports_counts_in_the_run_dir_and_metrics(tmp_path, tin
     assert any(r.split(",")[col] == f"{float(len(BAD_LINES))}" for r in rows)
 
 
-def test_train_script_prints_one_clean_line_and_exits_non_zero(tmp_path, gist_rows, tiny_student):
+def test_train_script_prints_one_clean_line_and_exits_non_zero(tmp_path, gist_rows, tiny_student, monkeypatch, capsys):
+    """scripts/train.py (its Hydra entry point, in this process): a DataError is one `error:` line on
+    stderr and exit status 1, no traceback, before any model loads."""
     path = _dirty_file(tmp_path, gist_rows, [BAD_LINES[3][0]])
-    proc = subprocess.run(
-        [sys.executable, "scripts/train.py", "data=files", f"data.train_files=[{path}]", "data.val_sts_dir=null",
-         f"model.name={tiny_student}", "guide=none", "loss=mnrl", "logger=csv", "compare_tasks_dir=null",
-         f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    assert proc.returncode == 1
-    assert "Traceback" not in proc.stderr + proc.stdout
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    monkeypatch.setattr("gist.core.encoder.Encoder.__init__", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as stop:
+        run_in_process(
+            [
+                "data=files",
+                f"data.train_files=[{path}]",
+                "data.val_sts_dir=null",
+                f"model.name={tiny_student}",
+                "guide=none",
+                "loss=mnrl",
+                "logger=csv",
+                "compare_tasks_dir=null",
+                f"hydra.run.dir={tmp_path / 'run'}",
+                f"paths.cache_dir={tmp_path / 'cache'}",
+            ],
+            monkeypatch,
+        )
+    assert stop.value.code == 1
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err + out
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert errors == [f"error: {path}: row 7: column 'query' must be a string, got int"]

@@ -7,8 +7,12 @@ import json
 import pytest
 import torch
 
-from gist.data import Collator, DataError, SameTaskBatches, iter_rows, parse_row, text_id, validate_sources
-from tests.conftest import write_jsonl
+from gist.data.batching import SameTaskBatches
+from gist.data.collate import Collator
+from gist.data.records import DataError, iter_rows, parse_row, text_id, validate_sources
+from tests.helpers import write_jsonl
+
+pytestmark = pytest.mark.unit
 
 
 def _all_batches(sources, batch_size=8, seed=42, epoch=0, **kw):
@@ -110,13 +114,13 @@ def test_collator_tokenizes_guide_separately_with_its_own_tokenizer(tiny_student
     st, gt = AutoTokenizer.from_pretrained(tiny_student), AutoTokenizer.from_pretrained(tiny_guide)
     rows = [parse_row(r, "x") for r in gist_rows[:6] if r["task_name"] == "task-a"]
     batch = Collator(st, 8, gt, 16)(rows)
-    assert set(batch["student"]) == {"anchor", "positive", "negative"} == set(batch["guide"])
-    assert batch["student"]["anchor"]["input_ids"].shape[1] <= 8  # student max length
-    assert batch["guide"]["anchor"]["input_ids"].shape[1] > 8  # guide keeps its own, longer max length
+    assert set(batch.student) == {"anchor", "positive", "negative"} == set(batch.guide)
+    assert batch.student["anchor"]["input_ids"].shape[1] <= 8  # student max length
+    assert batch.guide["anchor"]["input_ids"].shape[1] > 8  # guide keeps its own, longer max length
     # Dynamic padding: the longest text of the batch, not max_length.
     short = Collator(st, 512, gt, 512)([dict(r, query="cat", pos="dog", neg="man") for r in rows])
-    assert short["student"]["anchor"]["input_ids"].shape[1] == 3  # [CLS] cat [SEP]
-    assert torch.equal(batch["text_ids"]["anchor"], torch.tensor([text_id(r["query"]) for r in rows]))
+    assert short.student["anchor"]["input_ids"].shape[1] == 3  # [CLS] cat [SEP]
+    assert torch.equal(batch.text_ids["anchor"], torch.tensor([text_id(r["query"]) for r in rows]))
 
 
 def test_pair_task_batches_have_no_negative(tiny_student, gist_rows):
@@ -124,7 +128,7 @@ def test_pair_task_batches_have_no_negative(tiny_student, gist_rows):
 
     rows = [parse_row(r, "x") for r in gist_rows if r["task_name"] == "pairs"][:4]
     batch = Collator(AutoTokenizer.from_pretrained(tiny_student), 16)(rows)
-    assert set(batch["student"]) == {"anchor", "positive"} and batch["guide"] is None
+    assert set(batch.student) == {"anchor", "positive"} and batch.guide is None
 
 
 def test_batches_are_sharded_across_workers(gist_file):
@@ -143,7 +147,7 @@ def test_hub_dataset_streams_through_the_same_batching(tmp_path, gist_rows, monk
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from gist.data import HubDataset
+    from gist.data.records import HubDataset
 
     pq.write_table(pa.Table.from_pylist(gist_rows), tmp_path / "train.parquet")
     calls = []

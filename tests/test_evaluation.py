@@ -1,12 +1,10 @@
 """The MTEB harness: task folders as mteb tasks (protocol kept), the encoder wrapper, model identity and
-the result cache, scripts/eval.py; and the published all-MiniLM-L6-v2 score through all of it."""
+the result cache, scripts/eval.py's command line (gist.evaluation.cli); and the published all-MiniLM-L6-v2 score through all of it."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,21 +12,25 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from gist.data import DataError
-from gist.encoder import Encoder
-from gist.evaluation import (
-    EvalModel, _mteb_wrapper, compare, encoder_model, evaluate, main_scores, markdown_table, pretrained_model,
-    resolve_model, write_results,
+from gist.core.encoder import Encoder
+from gist.data.records import DataError
+from gist.evaluation.cli import evaluate_model
+from gist.evaluation.cli import main as eval_main
+from gist.evaluation.harness import (
+    EvalModel,
+    _mteb_wrapper,
+    compare,
+    encoder_model,
+    evaluate,
+    main_scores,
+    markdown_table,
+    pretrained_model,
+    resolve_model,
+    write_results,
 )
-from gist.mteb_tasks import load_tasks, local_task, task_dirs
-from gist.offline_models import MINILM, installed
-
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "data" / "mteb"
-spec = importlib.util.spec_from_file_location("eval_script", ROOT / "scripts" / "eval.py")
-eval_script = importlib.util.module_from_spec(spec)
-sys.modules["eval_script"] = eval_script  # its dataclass resolves annotations through sys.modules
-spec.loader.exec_module(eval_script)
+from gist.evaluation.tasks import load_tasks, local_task, task_dirs
+from gist.infra.offline_models import MINILM, installed
+from tests.helpers import DATA
 
 
 def copy_task(src: Path, dst: Path) -> Path:
@@ -38,18 +40,31 @@ def copy_task(src: Path, dst: Path) -> Path:
 
 # --- task folders -> mteb tasks ------------------------------------------------------------------------
 
+
 def test_shipped_folders_subclass_mtebs_own_tasks_and_keep_their_protocol():
     import mteb
 
     tasks = {t.metadata.name: t for t in load_tasks(DATA)}
-    assert sorted(tasks) == ["AmazonCounterfactualClassification", "Banking77Classification", "EmotionClassification",
-                             "STSBenchmark", "TweetSentimentExtractionClassification"]
+    assert sorted(tasks) == [
+        "AmazonCounterfactualClassification",
+        "Banking77Classification",
+        "EmotionClassification",
+        "STSBenchmark",
+        "TweetSentimentExtractionClassification",
+    ]
     for name, task in tasks.items():
         assert isinstance(task, type(mteb.get_task(name)))  # mteb's class: its protocol, not a metadata copy
         assert task.metadata == mteb.get_task(name).metadata and list(task.eval_splits) == ["test"]
     # samples_per_label is a CLASS attribute of each mteb task (a metadata-only copy would use 8).
-    assert [tasks[n].samples_per_label for n in ("Banking77Classification", "EmotionClassification",
-            "AmazonCounterfactualClassification", "TweetSentimentExtractionClassification")] == [8, 16, 32, 32]
+    assert [
+        tasks[n].samples_per_label
+        for n in (
+            "Banking77Classification",
+            "EmotionClassification",
+            "AmazonCounterfactualClassification",
+            "TweetSentimentExtractionClassification",
+        )
+    ] == [8, 16, 32, 32]
     assert tasks["AmazonCounterfactualClassification"].hf_subsets == ["en"]  # meta.json subset
 
 
@@ -95,12 +110,15 @@ def test_bad_task_folders_fail_with_the_file_and_row(tmp_path, mteb_dir):
 
 # --- the model side -------------------------------------------------------------------------------------
 
+
 def test_wrapper_returns_encoder_embeddings_in_input_order_with_duplicates(tiny_student):
     from torch.utils.data import DataLoader
 
     enc = Encoder(str(tiny_student)).eval()
     texts = ["the cat plays piano", "dog", "the cat plays piano", "my bank card is not working", "dog"]
-    loader = DataLoader([{"text": t} for t in texts], batch_size=2, collate_fn=lambda b: {"text": [x["text"] for x in b]})
+    loader = DataLoader(
+        [{"text": t} for t in texts], batch_size=2, collate_fn=lambda b: {"text": [x["text"] for x in b]}
+    )
     wrapper = _mteb_wrapper(pretrained_model(enc))
     out = wrapper.encode(loader, task_metadata=None, hf_split="test", hf_subset="default", batch_size=2)
     assert out.shape == (5, enc.dim) and wrapper.texts == 3  # each distinct text encoded once
@@ -173,8 +191,15 @@ def test_results_files_and_comparison_table(tmp_path):
 
 def test_eval_cli_writes_scores_and_details(tiny_student, mteb_dir, tmp_path, capsys):
     out = tmp_path / "scores.json"
-    scores = eval_script.main([f"model={tiny_student}", f"data_dir={mteb_dir}", "tasks=[TinySTS,TinyTopicClassification]",
-                               f"output={out}", "batch_size=8"])
+    scores = eval_main(
+        [
+            f"model={tiny_student}",
+            f"data_dir={mteb_dir}",
+            "tasks=[TinySTS,TinyTopicClassification]",
+            f"output={out}",
+            "batch_size=8",
+        ]
+    )
     assert json.loads(out.read_text()) == scores and sorted(scores) == ["TinySTS", "TinyTopicClassification"]
     assert all(-100 <= s <= 100 for s in scores.values())
     details = json.loads((tmp_path / "scores.details.json").read_text())
@@ -186,17 +211,23 @@ def test_eval_cli_writes_scores_and_details(tiny_student, mteb_dir, tmp_path, ca
     printed = capsys.readouterr().out
     assert "| TinySTS |" in printed and str(out) in printed
     with pytest.raises(SystemExit, match="output=<file.json> is required"):
-        eval_script.main([f"model={tiny_student}", f"data_dir={mteb_dir}"])
+        eval_main([f"model={tiny_student}", f"data_dir={mteb_dir}"])
     with pytest.raises(SystemExit, match="bad arguments"):
-        eval_script.main([f"model={tiny_student}", "no_such_option=1"])
+        eval_main([f"model={tiny_student}", "no_such_option=1"])
     with pytest.raises(SystemExit, match="HF_HUB_OFFLINE is set"):  # hub tasks need the network
-        eval_script.main([f"model={tiny_student}", "tasks=[STSBenchmark]", f"output={out}"])
+        eval_main([f"model={tiny_student}", "tasks=[STSBenchmark]", f"output={out}"])
 
 
+# Slow (about 60 s): tests/test_reproduction.py (slow) reproduces every published score; the default tier
+# checks the harness's wiring on the tiny models (test_sts_score_is_mtebs_spearman_of_our_cosines, the CLI above).
+@pytest.mark.slow
 @pytest.mark.skipif(not installed()[MINILM], reason="offline models not laid out (make setup)")
 def test_minilm_stsbenchmark_test_reproduces_the_published_score_through_the_harness(tmp_path):
-    scores = eval_script.main(["model=sentence-transformers/all-MiniLM-L6-v2", f"data_dir={DATA}", "tasks=[STSBenchmark]",
-                               f"output={tmp_path / 'minilm.json'}"])
-    published = json.loads((DATA / "reference_scores.json").read_text())["scores"]["sentence-transformers/all-MiniLM-L6-v2"]
+    scores = evaluate_model(
+        "sentence-transformers/all-MiniLM-L6-v2", data_dir=DATA, tasks=["STSBenchmark"], output=tmp_path / "minilm.json"
+    )
+    published = json.loads((DATA / "reference_scores.json").read_text())["scores"][
+        "sentence-transformers/all-MiniLM-L6-v2"
+    ]
     assert published["STSBenchmark"] == 82.03
     assert scores["STSBenchmark"] == pytest.approx(82.03, abs=0.05)

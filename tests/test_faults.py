@@ -12,13 +12,11 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from gist.checkpoint import AtomicCheckpointIO, atomic_torch_save
-from gist.losses import MNRLLoss
-from gist.module import NonFiniteError
-from tests.test_config import load
-from tests.test_train import tiny_cfg, train_script
-
-ROOT = Path(__file__).resolve().parents[1]
+from gist.core.loss_modules import MNRLLoss
+from gist.core.module import NonFiniteError
+from gist.infra.checkpoint import AtomicCheckpointIO, atomic_torch_save
+from gist.train import train
+from tests.helpers import ROOT, load, tiny_cfg
 
 
 class FaultAtCall(MNRLLoss):
@@ -39,11 +37,24 @@ class FaultAtCall(MNRLLoss):
 
 
 def _fault_cfg(tmp_path, tiny_student, gist_file, mteb_dir, kind, fault_at):
-    cfg = tiny_cfg(tmp_path, tiny_student, None, gist_file, mteb_dir, [
-        "guide=none", "loss=mnrl", "trainer.max_steps=8", "trainer.val_check_interval=100", "data.val_sts_dir=null",
-        "export=false", "compare_tasks_dir=null",
-        "callbacks.model_checkpoint.monitor=null", "+callbacks.model_checkpoint.every_n_train_steps=1",
-    ])
+    cfg = tiny_cfg(
+        tmp_path,
+        tiny_student,
+        None,
+        gist_file,
+        mteb_dir,
+        [
+            "guide=none",
+            "loss=mnrl",
+            "trainer.max_steps=8",
+            "trainer.val_check_interval=100",
+            "data.val_sts_dir=null",
+            "export=false",
+            "compare_tasks_dir=null",
+            "callbacks.model_checkpoint.monitor=null",
+            "+callbacks.model_checkpoint.every_n_train_steps=1",
+        ],
+    )
     with open_dict(cfg):
         cfg.callbacks.model_checkpoint.filename = "step{step:06d}"
         cfg.loss = {"_target_": f"{__name__}.FaultAtCall", "fault_at": fault_at, "kind": kind}
@@ -51,11 +62,15 @@ def _fault_cfg(tmp_path, tiny_student, gist_file, mteb_dir, kind, fault_at):
 
 
 @pytest.mark.parametrize("kind", ["loss", "grad"])
-def test_non_finite_loss_or_gradient_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_student, gist_file, mteb_dir, kind):
+def test_non_finite_loss_or_gradient_stops_the_run_and_keeps_the_last_good_checkpoint(
+    tmp_path, tiny_student, gist_file, mteb_dir, kind
+):
     k = 3  # steps 0..2 train and are checkpointed (every step); step 3 goes non-finite
     cfg = _fault_cfg(tmp_path, tiny_student, gist_file, mteb_dir, kind, k)
-    with pytest.raises(NonFiniteError, match="non-finite training loss" if kind == "loss" else "non-finite gradients") as err:
-        train_script.train(cfg)
+    with pytest.raises(
+        NonFiniteError, match="non-finite training loss" if kind == "loss" else "non-finite gradients"
+    ) as err:
+        train(cfg)
     assert f"at step {k}" in str(err.value) and "last checkpoint" in str(err.value)
     ckpt_dir = Path(cfg.paths.output_dir) / "checkpoints"
     last = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=True)
@@ -63,15 +78,16 @@ def test_non_finite_loss_or_gradient_stops_the_run_and_keeps_the_last_good_check
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
     assert not list(ckpt_dir.glob("*.tmp-*"))
     # ...and it is a usable checkpoint: a fresh student loads it.
-    from gist.encoder import Encoder
+    from gist.core.encoder import Encoder
 
     enc = Encoder(str(tiny_student))
     enc.load_state_dict({n.removeprefix("student."): v for n, v in last["state_dict"].items()})
 
 
+@pytest.mark.unit
 def test_a_checkpoint_with_non_finite_weights_is_refused(tiny_student):
-    from gist.encoder import Encoder
-    from gist.module import GISTModule
+    from gist.core.encoder import Encoder
+    from gist.core.module import GISTModule
 
     module = GISTModule(Encoder(str(tiny_student)), MNRLLoss())
     module.on_save_checkpoint({"state_dict": module.state_dict()})  # fine
@@ -95,6 +111,7 @@ class _Partial(AtomicCheckpointIO):
         raise OSError("disk full (simulated)")
 
 
+@pytest.mark.unit
 def test_failed_save_leaves_the_previous_checkpoint(tmp_path):
     path = tmp_path / "ckpts" / "last.ckpt"
     AtomicCheckpointIO().save_checkpoint({"step": 1, "w": torch.ones(1000)}, path)
@@ -108,7 +125,7 @@ def test_failed_save_leaves_the_previous_checkpoint(tmp_path):
 KILLED_MID_SAVE = textwrap.dedent("""
     import io, os, signal, sys
     import torch
-    from gist.checkpoint import AtomicCheckpointIO
+    from gist.infra.checkpoint import AtomicCheckpointIO
 
     class KilledMidWrite(AtomicCheckpointIO):
         @staticmethod
@@ -139,6 +156,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path)
     assert torch.load(path, weights_only=True)["step"] == 3
 
 
+@pytest.mark.unit
 def test_the_trainer_config_writes_checkpoints_atomically(tmp_path):
     from hydra.utils import instantiate
 

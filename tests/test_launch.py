@@ -1,32 +1,53 @@
-"""gist/launch.py: a DDP child of a multirun job runs that one job; jobs leave no DDP state behind."""
+"""gist/infra/launch.py: a DDP child of a multirun job runs that one job; jobs leave no DDP state behind."""
 
 from __future__ import annotations
 
 import json
 import os
 
+import pytest
+from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from gist.launch import ENV_JOB, ddp_child_argv, isolated_job, job_env, job_identity
-from hydra.types import RunMode
+from gist.infra.launch import ENV_JOB, ddp_child_argv, isolated_job, job_env, job_identity
+
+pytestmark = pytest.mark.unit
 
 
 def hydra_node(mode, overrides=("optim.lr=1e-05", "loss.temperature=0.05"), num=3):
-    return OmegaConf.create({
-        "mode": mode, "sweep": {"dir": "/logs/quickstart/multiruns/2026-11-27_05-00-00"}, "job": {"num": num},
-        "overrides": {"task": list(overrides)},
-    })
+    return OmegaConf.create(
+        {
+            "mode": mode,
+            "sweep": {"dir": "/logs/quickstart/multiruns/2026-11-27_05-00-00"},
+            "job": {"num": num},
+            "overrides": {"task": list(overrides)},
+        }
+    )
 
 
 def test_child_of_a_multirun_job_runs_that_job_not_the_sweep():
     # What Lightning's subprocess launcher gives rank 1: the sweep's command line + its own hydra.* args.
-    argv = ["scripts/train.py", "-m", "--config-name", "train", "optim.lr=1e-5,5e-6", "loss.temperature=0.01,0.05",
-            'hydra.run.dir="/logs/quickstart/runs/2026-11-27_05-00-00"', "hydra.job.name=train_ddp_process_1",
-            "hydra.output_subdir=null"]
+    argv = [
+        "scripts/train.py",
+        "-m",
+        "--config-name",
+        "train",
+        "optim.lr=1e-5,5e-6",
+        "loss.temperature=0.01,0.05",
+        'hydra.run.dir="/logs/quickstart/runs/2026-11-27_05-00-00"',
+        "hydra.job.name=train_ddp_process_1",
+        "hydra.output_subdir=null",
+    ]
     env = {"LOCAL_RANK": "1", **job_env(hydra_node(RunMode.MULTIRUN), "/logs/q/multiruns/t/3")}
     assert ddp_child_argv(argv, env) == [
-        "scripts/train.py", "--config-name", "train", "optim.lr=1e-05", "loss.temperature=0.05",
-        'hydra.run.dir="/logs/q/multiruns/t/3"', "hydra.output_subdir=null", "hydra.job.name=train_ddp_process_1",
+        "scripts/train.py",
+        "--config-name",
+        "train",
+        "optim.lr=1e-05",
+        "loss.temperature=0.05",
+        'hydra.run.dir="/logs/q/multiruns/t/3"',
+        "hydra.output_subdir=null",
+        "hydra.job.name=train_ddp_process_1",
     ]
 
 
@@ -49,9 +70,13 @@ def test_output_dir_with_quotes_is_escaped_for_hydra():
 
 def test_job_identity_groups_multirun_jobs_by_sweep_folder():
     assert job_identity(hydra_node(RunMode.MULTIRUN), "quickstart", "/x/3") == {
-        "group": "quickstart-2026-11-27_05-00-00", "name": "quickstart-2026-11-27_05-00-00-3"}
+        "group": "quickstart-2026-11-27_05-00-00",
+        "name": "quickstart-2026-11-27_05-00-00-3",
+    }
     assert job_identity(hydra_node(RunMode.RUN), "quickstart", "/logs/quickstart/runs/2026-11-27_06-00-00") == {
-        "group": None, "name": "quickstart-2026-11-27_06-00-00"}
+        "group": None,
+        "name": "quickstart-2026-11-27_06-00-00",
+    }
     assert job_identity(None, "t", "/r/x")["name"] == "t-x"
 
 

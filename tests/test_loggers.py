@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from gist.loggers import finish_wandb, wandb_key_configured, wandb_logger, wandb_mode
+import pytest
+
+from gist.infra.loggers import finish_wandb, wandb_key_configured, wandb_logger, wandb_mode
+from gist.train import train
+from tests.helpers import assert_metric, assert_run_files, read_wandb_file, tiny_cfg
 
 
+@pytest.mark.unit
 def test_key_detection(monkeypatch, tmp_path):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
@@ -36,68 +40,55 @@ def test_mode_is_offline_without_a_key(monkeypatch, tmp_path):
     finish_wandb([logger])
 
 
+@pytest.mark.slow  # the default tier reads a training run's offline W&B run below (and one per sweep job in test_sweeps.py)
 def test_training_writes_an_offline_wandb_run(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir):
-    from tests.test_train import tiny_cfg, train_script
-
-    cfg = tiny_cfg(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, ["logger=default", "export=false", "compare_tasks_dir=null"])
-    train_script.train(cfg)
+    cfg = tiny_cfg(
+        tmp_path,
+        tiny_student,
+        tiny_guide,
+        gist_file,
+        mteb_dir,
+        ["logger=default", "export=false", "compare_tasks_dir=null"],
+    )
+    assert_metric(train(cfg))
+    assert_run_files(Path(cfg.paths.output_dir), model=False)
     runs = list((Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
     assert (Path(cfg.paths.output_dir) / "csv" / "metrics.csv").exists()
 
 
-def read_wandb_file(run_dir: Path) -> dict:
-    """The records of an offline run's .wandb file (a LevelDB-style log of protobuf Records: 7-byte file
-    header, then 32 KiB blocks of records with a 7-byte header each, FULL / FIRST..MIDDLE..LAST chunks)."""
-    import struct
-
-    from wandb.proto import wandb_internal_pb2
-
-    (path,) = run_dir.glob("*.wandb")
-    data, block = path.read_bytes(), 32768
-    assert data[:4] == b":W&B"
-    pos, chunks, records = 7, b"", []
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # a block's tail too short for a header is padding
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if kind == 0:
-            break
-        chunks += data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):  # FULL or LAST
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(chunks)
-            records.append(record)
-            chunks = b""
-    out = {"run": None, "config": {}, "history_keys": set(), "artifacts": []}
-    for r in records:
-        which = r.WhichOneof("record_type")
-        if which == "run":
-            out["run"] = r.run
-        elif which == "config":
-            out["config"].update({i.key: json.loads(i.value_json) for i in r.config.update if i.key})
-        elif which == "history":
-            out["history_keys"].update(i.key or "/".join(i.nested_key) for i in r.history.item)
-        elif which == "artifact":
-            out["artifacts"].append(r.artifact)
-    return out
-
-
-def test_wandb_run_holds_config_metrics_tags_group_and_the_exported_model(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir):
-    from tests.test_train import tiny_cfg, train_script
-
-    cfg = tiny_cfg(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, [
-        "logger=default", "compare_tasks_dir=null", "tags=[tiny,wandb]", "logger.wandb.group=my-group",
-        "logger.wandb.log_exported_model=true"])
-    train_script.train(cfg)
+def test_wandb_run_holds_config_metrics_tags_group_and_the_exported_model(
+    tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir
+):
+    cfg = tiny_cfg(
+        tmp_path,
+        tiny_student,
+        tiny_guide,
+        gist_file,
+        mteb_dir,
+        [
+            "logger=default",
+            "compare_tasks_dir=null",
+            "tags=[tiny,wandb]",
+            "logger.wandb.group=my-group",
+            "logger.wandb.log_exported_model=true",
+        ],
+    )
+    assert_metric(train(cfg))
+    assert_run_files(Path(cfg.paths.output_dir))
     (run_dir,) = (Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*")
     run = read_wandb_file(run_dir)
     assert run["run"].run_group == "my-group" and list(run["run"].tags) == ["tiny", "wandb"]
     assert run["run"].display_name == f"{cfg.task_name}-{Path(cfg.paths.output_dir).name}"
     assert run["config"]["optim"]["lr"] == cfg.optim.lr and run["config"]["loss"]["temperature"] == cfg.loss.temperature
-    for key in ("train/loss", "train/masked_frac", "train/effective_negatives", "lr", "train/samples_per_s", "val/stsb_spearman"):
+    for key in (
+        "train/loss",
+        "train/masked_frac",
+        "train/effective_negatives",
+        "lr",
+        "train/samples_per_s",
+        "val/stsb_spearman",
+    ):
         assert key in run["history_keys"], (key, run["history_keys"])
     (artifact,) = run["artifacts"]
     assert artifact.type == "model" and artifact.name == f"model-{run['run'].run_id}"
@@ -106,40 +97,46 @@ def test_wandb_run_holds_config_metrics_tags_group_and_the_exported_model(tmp_pa
     assert "best" in list(artifact.aliases)
 
 
+@pytest.mark.slow  # the default tier checks it on every job of test_sweeps.py::test_2x2_sweep_...
 def test_no_artifact_unless_enabled(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir):
-    from tests.test_train import tiny_cfg, train_script
-
-    cfg = tiny_cfg(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, ["logger=default", "compare_tasks_dir=null"])
-    train_script.train(cfg)
+    cfg = tiny_cfg(
+        tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, ["logger=default", "compare_tasks_dir=null"]
+    )
+    assert_metric(train(cfg))
+    assert_run_files(Path(cfg.paths.output_dir))
     (run_dir,) = (Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*")
     assert read_wandb_file(run_dir)["artifacts"] == []
 
 
-def test_failing_wandb_init_warns_and_the_run_goes_on_with_csv(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, monkeypatch, caplog):
+def test_failing_wandb_init_warns_and_the_run_goes_on_with_csv(
+    tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, monkeypatch, caplog
+):
     import wandb
-
-    from tests.test_train import tiny_cfg, train_script
 
     def broken_init(*args, **kwargs):
         raise wandb.errors.CommError("no network (forced by the test)")
 
     monkeypatch.setattr(wandb, "init", broken_init)
-    cfg = tiny_cfg(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, ["logger=default", "compare_tasks_dir=null"])
-    with caplog.at_level("WARNING", logger="gist.loggers"):
-        metric = train_script.train(cfg)
+    cfg = tiny_cfg(
+        tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, ["logger=default", "compare_tasks_dir=null"]
+    )
+    with caplog.at_level("WARNING", logger="gist.infra.loggers"):
+        metric = train(cfg)
     assert "W&B logger disabled (CommError: no network (forced by the test)); metrics still go to CSV" in caplog.text
     run = Path(cfg.paths.output_dir)
-    assert metric is not None and (run / "model" / "modules.json").exists()
+    assert_metric(metric)
+    assert_run_files(run)
     assert "train/loss" in (run / "csv" / "metrics.csv").read_text().splitlines()[0]
     assert not list(run.glob("wandb/offline-run-*"))
 
 
+@pytest.mark.unit
 def test_online_mode_without_a_key_falls_back(monkeypatch, tmp_path, caplog):
     """Online W&B with no key configured: wandb.init refuses; we warn and return None (CSV goes on)."""
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "none"))
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
     monkeypatch.setenv("HOME", str(tmp_path))
-    with caplog.at_level("WARNING", logger="gist.loggers"):
+    with caplog.at_level("WARNING", logger="gist.infra.loggers"):
         assert wandb_logger(mode="online", project="gist-test", save_dir=str(tmp_path)) is None
     assert "W&B logger disabled" in caplog.text

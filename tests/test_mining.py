@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
-from gist.mining import MinedTriplets, StsPairs, mine_triplets, read_classification, task_slug
+from gist.data.mining import MinedTriplets, StsPairs, mine_triplets, read_classification, task_slug
+
+pytestmark = pytest.mark.unit
 
 
 def test_task_slug_matches_gist_names():
@@ -54,14 +57,26 @@ def test_mining_is_deterministic_and_cached(tmp_path, mteb_dir, tiny_guide):
     assert other != first
     rows = [json.loads(line) for line in first.splitlines()]
     assert {r["task_name"] for r in rows} == {"mteb-tiny_topic-avs_triplets"}
-    assert set(rows[0]) == {"query", "pos", "neg", "task_name", "query_instruct", "pos_instruct", "neg_instruct", "symmetric"}
+    assert set(rows[0]) == {
+        "query",
+        "pos",
+        "neg",
+        "task_name",
+        "query_instruct",
+        "pos_instruct",
+        "neg_instruct",
+        "symmetric",
+    }
     texts, _ = read_classification(task)
     assert "   " not in texts and "lonely singleton" in texts  # empty text skipped; singleton read, then dropped
     assert all(r["query"] != "lonely singleton" for r in rows)
     # Cached: a second materialize does not re-mine (the file is untouched).
     path = miner.materialize(tmp_path / "a")
     mtime = path.stat().st_mtime_ns
-    assert MinedTriplets(str(task), guide=str(tiny_guide), seed=1029).materialize(tmp_path / "a").stat().st_mtime_ns == mtime
+    assert (
+        MinedTriplets(str(task), guide=str(tiny_guide), seed=1029).materialize(tmp_path / "a").stat().st_mtime_ns
+        == mtime
+    )
 
 
 def test_subsampling_is_seeded(tmp_path, mteb_dir, tiny_guide):
@@ -79,14 +94,9 @@ def test_sts_pairs_keep_high_scores_as_symmetric_pairs(tmp_path, mteb_dir):
 
 
 def test_cli_writes_the_same_rows_as_the_library(tmp_path, mteb_dir, tiny_guide):
-    import importlib.util
-    from pathlib import Path
+    from gist.data.mining import main  # scripts/mine_triplets.py
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "mine_triplets.py"
-    spec = importlib.util.spec_from_file_location("mine_cli", script)
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
     task = str(mteb_dir / "TinyTopicClassification")
-    assert cli.main(["--task-dir", task, "--out", str(tmp_path / "out.jsonl"), "--guide", str(tiny_guide)]) == 0
+    assert main(["--task-dir", task, "--out", str(tmp_path / "out.jsonl"), "--guide", str(tiny_guide)]) == 0
     lib = MinedTriplets(task, guide=str(tiny_guide)).materialize(tmp_path / "cache").read_text()
     assert (tmp_path / "out.jsonl").read_text() == lib

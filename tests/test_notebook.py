@@ -20,7 +20,7 @@ def test_committed_notebook_has_no_outputs():
 def test_notebook_runs_headless_against_tiny_runs(tiny_runs, mteb_dir, monkeypatch, tmp_path):
     from nbclient import NotebookClient
 
-    from tests.test_ablation import make_fake_sweep
+    from tests.helpers import make_fake_sweep
 
     # The kernel inherits the environment: the notebook's parameters, and this checkout's `gist`.
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
@@ -29,7 +29,9 @@ def test_notebook_runs_headless_against_tiny_runs(tiny_runs, mteb_dir, monkeypat
     monkeypatch.setenv("GIST_TASK_NAME", "tiny")
     monkeypatch.setenv("GIST_ABLATION_SWEEP", str(make_fake_sweep(tmp_path)))  # hand-picked scores
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+    ).execute()
 
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
@@ -37,13 +39,22 @@ def test_notebook_runs_headless_against_tiny_runs(tiny_runs, mteb_dir, monkeypat
     assert len(images) == 3  # the per-task bar chart, the training curves, the ablation chart
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     # The score table: every task, the base model and both checkpoints of both runs.
-    for needle in ("| TinySTS |", "| TinyTopicClassification |", "| mean |", "tiny/2026-01-01_00-00-00 base",
-                   "tiny/2026-01-02_00-00-00-0 last"):
+    for needle in (
+        "| TinySTS |",
+        "| TinyTopicClassification |",
+        "| mean |",
+        "tiny/2026-01-01_00-00-00 base",
+        "tiny/2026-01-02_00-00-00-0 last",
+    ):
         assert needle in text
     # The ablation section: the sweep's tables (gist_mpnet T1: seeds 80, 82, 84 -> 82.00 ± 2.00; paired
     # T1 differences 1, 2, 0 -> +1.00 ± 1.00, ahead in 2 of 3 seeds).
-    for needle in ("2026-11-27_10-00-00_ablation: 6 finished jobs", "| gist_mpnet | 82.00 ± 2.00 |",
-                   "| gist_mpnet - no_guide | +1.00 ± 1.00 (2/3) |", "| base (no fine-tuning) | 70.00 | 50.00 | 60.00 |"):
+    for needle in (
+        "2026-11-27_10-00-00_ablation: 6 finished jobs",
+        "| gist_mpnet | 82.00 ± 2.00 |",
+        "| gist_mpnet - no_guide | +1.00 ± 1.00 (2/3) |",
+        "| base (no fine-tuning) | 70.00 | 50.00 | 60.00 |",
+    ):
         assert needle in text
     html = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
     assert "tiny/2026-01-02_00-00-00-0" in html  # the runs table

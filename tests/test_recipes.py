@@ -8,99 +8,99 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import socket
 import sys
-from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import (
+    ROOT,
+    job_dirs,
+    load,
+    recipe,
+    recipes,
+    run_in_process,
+    run_subprocess,
+    tiny,
+    with_overrides,
+)
+
 CPU = ["trainer.accelerator=cpu", "trainer.precision=32-true"]
 
 
-def recipes() -> dict[str, tuple[dict[str, str], list[str]]]:
-    """{name: (env assignments, argv)} from the `# recipe: <name>` lines of README's Recipes section."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split("\n## Recipes\n", 1)[1].split("\n## ", 1)[0]
-    found = {}
-    for name, command in re.findall(r"^# recipe: (\w+).*\n(.+)$", section, flags=re.M):
-        tokens = shlex.split(command)
-        env = {}
-        while re.match(r"^[A-Z_]+=", tokens[0]):
-            key, value = tokens.pop(0).split("=", 1)
-            env[key] = value
-        found[name] = (env, tokens)
-    return found
-
-
-def recipe(name: str) -> list[str]:
-    """The recipe's arguments after `python scripts/train.py`."""
-    _, argv = recipes()[name]
-    assert argv[:2] == ["python", "scripts/train.py"], argv
-    return argv[2:]
-
-
+@pytest.mark.unit
 def test_readme_has_every_recipe():
     assert set(recipes()) == {"quickstart", "gist_small", "sweep", "sweep_guide", "ddp", "torchrun", "slurm"}
     assert recipes()["gist_small"][0] == {"HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0"}
 
 
 def test_quickstart_recipe(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, monkeypatch):
-    from tests.test_sweeps import run_in_process, tiny, with_overrides
-
-    run_in_process(with_overrides(recipe("quickstart"), tiny(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir)), monkeypatch)
+    run_in_process(
+        with_overrides(recipe("quickstart"), tiny(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir)), monkeypatch
+    )
     (run,) = (tmp_path / "logs" / "quickstart" / "runs").iterdir()
     assert OmegaConf.load(run / "config.yaml").task_name == "quickstart" and (run / "model" / "modules.json").exists()
 
 
 def test_gist_small_recipe_as_written_fails_fast_offline(tmp_path, monkeypatch, capsys):
-    import re
-
-    from tests.test_sweeps import run_in_process
-
     args = [*recipe("gist_small"), f"paths.log_dir={tmp_path / 'logs'}", f"paths.cache_dir={tmp_path / 'cache'}"]
     with pytest.raises(SystemExit) as stop:  # scripts/train.py turns the DataError into one error line, exit 1
         run_in_process(args, monkeypatch)
     assert stop.value.code == 1
     err = capsys.readouterr().err
-    assert re.search(r"(?ms)^error: hub dataset avsolatorio/medi-data-mteb_avs_triplets@238a0499.*HF_HUB_OFFLINE.*data.train_files", err), err
+    assert re.search(
+        r"(?ms)^error: hub dataset avsolatorio/medi-data-mteb_avs_triplets@238a0499.*HF_HUB_OFFLINE.*data.train_files",
+        err,
+    ), err
     assert "Traceback" not in err
 
 
 def test_gist_small_recipe_on_the_tiny_fixtures(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, monkeypatch):
     """The released recipe's config (bf16, batch 16, its schedule) on tiny offline stand-ins, CPU, fast_dev_run."""
-    from tests.test_sweeps import run_in_process, tiny, with_overrides
-
-    stand_ins = [*tiny(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir), "model.pooling=mean", "guide.pooling=cls",
-                 "trainer=cpu", "debug=fdr"]
+    stand_ins = [
+        *tiny(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir),
+        "model.pooling=mean",
+        "guide.pooling=cls",
+        "trainer.accelerator=cpu",
+        "debug=fdr",
+    ]  # the recipe's trainer=gpu (bf16-mixed) on the CPU
     run_in_process(with_overrides(recipe("gist_small"), stand_ins), monkeypatch)
     (run,) = (tmp_path / "logs" / "gist_small" / "runs").iterdir()
     cfg = OmegaConf.load(run / "config.yaml")
-    assert cfg.trainer.precision == "bf16-mixed" and cfg.optim.schedule_steps == 4_547_000 and cfg.loss.temperature == 0.01
+    assert (
+        cfg.trainer.precision == "bf16-mixed" and cfg.optim.schedule_steps == 4_547_000 and cfg.loss.temperature == 0.01
+    )
 
 
-# In the default run: issue #6 asks for this in `make test` (about 15-50 s on 2 cores).
+# Slow (the real mpnet and MiniLM guides): the guide sweep's jobs compose to their loss and guide in the default tier
+# (test_sweeps.py::test_paper_ablation_axes_are_all_there), and a multirun trains in test_sweeps.py::test_2x2_sweep_...
+@pytest.mark.slow
 def test_sweep_guide_recipe(tmp_path, tiny_student, gist_file, mteb_dir, monkeypatch):
     """`-m sweep=guide`: the real offline mpnet and MiniLM guides, a tiny student; guide=none runs no_guide."""
-    from tests.test_sweeps import job_dirs, run_in_process, tiny, with_overrides
-
-    run_in_process(with_overrides(recipe("sweep_guide"), tiny(tmp_path, tiny_student, None, gist_file, mteb_dir, guide=False)), monkeypatch)
+    run_in_process(
+        with_overrides(recipe("sweep_guide"), tiny(tmp_path, tiny_student, None, gist_file, mteb_dir, guide=False)),
+        monkeypatch,
+    )
     jobs = job_dirs(tmp_path / "logs")
     assert jobs[0].parent.name.endswith("_guide")
     cfgs = [OmegaConf.load(j / "config.yaml") for j in jobs]
     assert [c.guide.name if c.guide else None for c in cfgs] == [
-        "sentence-transformers/all-mpnet-base-v2", "sentence-transformers/all-MiniLM-L6-v2", None]
-    assert [c.loss._target_ for c in cfgs] == ["gist.losses.GISTLoss"] * 2 + ["gist.losses.NoGuideLoss"]
+        "sentence-transformers/all-mpnet-base-v2",
+        "sentence-transformers/all-MiniLM-L6-v2",
+        None,
+    ]
+    assert [c.loss._target_ for c in cfgs] == ["gist.core.loss_modules.GISTLoss"] * 2 + [
+        "gist.core.loss_modules.NoGuideLoss"
+    ]
     assert all((j / "model" / "modules.json").exists() for j in jobs)
 
 
-# In the default run: issue #6 asks for this in `make test` (about 15-50 s on 2 cores).
+# In the default run (about 15-30 s on 2 cores): the default tier's 2-process DDP run through the CLI.
 def test_ddp_recipe_on_two_cpu_processes(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir):
-    from tests.test_sweeps import run_subprocess, tiny, with_overrides
-
-    out = run_subprocess(with_overrides(recipe("ddp"), [*tiny(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir), *CPU]), tmp_path)
+    out = run_subprocess(
+        with_overrides(recipe("ddp"), [*tiny(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir), *CPU]), tmp_path
+    )
     assert "MEMBER: 2/2" in out
     (run,) = (tmp_path / "logs" / "quickstart" / "runs").iterdir()  # the child wrote no run folder of its own
     assert (run / "model" / "modules.json").exists() and (run / "train_ddp_process_1.log").exists()
@@ -112,18 +112,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# In the default run: issue #6 asks for this in `make test` (about 15-50 s on 2 cores).
+# Slow (about 30 s): 2-process DDP through the CLI is test_ddp_recipe_on_two_cpu_processes in the default tier.
+@pytest.mark.slow
 def test_torchrun_recipe_one_node_two_processes(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir):
-    from tests.test_sweeps import run_subprocess, tiny, with_overrides
-
     _, argv = recipes()["torchrun"]
     assert argv[0] == "torchrun"
     script = argv.index("scripts/train.py")
-    launcher = with_overrides(argv[1:script], ["--nnodes=1", "--nproc-per-node=2", "--node-rank=0",
-                                               "--master-addr=127.0.0.1", f"--master-port={free_port()}"])
+    launcher = with_overrides(
+        argv[1:script],
+        [
+            "--nnodes=1",
+            "--nproc-per-node=2",
+            "--node-rank=0",
+            "--master-addr=127.0.0.1",
+            f"--master-port={free_port()}",
+        ],
+    )
     run_dir = tmp_path / "torchrun_run"
-    args = with_overrides(argv[script + 1:], [*tiny(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir), *CPU,
-                                              "trainer.devices=2", "trainer.num_nodes=1", f"hydra.run.dir={run_dir}"])
+    args = with_overrides(
+        argv[script + 1 :],
+        [
+            *tiny(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir),
+            *CPU,
+            "trainer.devices=2",
+            "trainer.num_nodes=1",
+            f"hydra.run.dir={run_dir}",
+        ],
+    )
     torchrun = [sys.executable, "-m", "torch.distributed.run", *launcher, str(ROOT / "scripts" / "train.py")]
     out = run_subprocess(args, tmp_path, cmd=torchrun)
     assert "MEMBER: 2/2" in out
@@ -135,20 +150,22 @@ class Submitted(Exception):
     pass
 
 
-def test_slurm_recipe_composes_and_submits_an_sbatch_array(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, monkeypatch):
+def test_slurm_recipe_composes_and_submits_an_sbatch_array(
+    tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, monkeypatch
+):
     """Cannot submit here: the recipe runs through Hydra and hydra-submitit-launcher up to the sbatch
     call, which is replaced by a stand-in that keeps the sbatch script submitit wrote and stops."""
     from submitit.slurm.slurm import SlurmExecutor
-
-    from tests.test_config import load
-    from tests.test_sweeps import run_in_process, tiny, with_overrides
 
     args = with_overrides(recipe("slurm"), tiny(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir))
     cfg = load([a.split(",")[0] if "," in a and "[" not in a else a for a in args if a != "-m"])  # job 0's config
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node, launcher.partition) == (2, 8, 8, "gpu")
-    assert cfg.trainer.strategy._target_ == "lightning.pytorch.strategies.DDPStrategy" and cfg.trainer.devices * cfg.trainer.num_nodes == 16
+    assert (
+        cfg.trainer.strategy._target_ == "lightning.pytorch.strategies.DDPStrategy"
+        and cfg.trainer.devices * cfg.trainer.num_nodes == 16
+    )
 
     def fake_submit(self, command):
         raise Submitted(self._make_submission_file_text(command, "test"))
@@ -164,7 +181,13 @@ def test_slurm_recipe_composes_and_submits_an_sbatch_array(tmp_path, tiny_studen
     with pytest.raises(Submitted) as sbatch:
         run_in_process(args, monkeypatch)
     script = str(sbatch.value)
-    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --partition=gpu", "#SBATCH --array=0-1%2", "export TOKENIZERS_PARALLELISM=false"):
+    for line in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --array=0-1%2",
+        "export TOKENIZERS_PARALLELISM=false",
+    ):
         assert line in script, script
     assert "srun" in script and "submitit.core._submit" in script

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from gist.evaluation import evaluate, main_scores, resolve_model
-from gist.mteb_tasks import load_tasks
-from gist.offline_models import MINILM, MPNET, installed
+from gist.evaluation.harness import evaluate, main_scores, resolve_model
+from gist.evaluation.tasks import load_tasks
+from gist.infra.offline_models import MINILM, MPNET, installed
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "mteb"
 PUBLISHED = json.loads((DATA / "reference_scores.json").read_text())["scores"]
@@ -30,4 +30,6 @@ def test_published_scores_are_reproduced_on_all_shipped_tasks(name):
     for task in tasks:
         task_name = task.metadata.name
         if task_name in published:
-            assert scores[task_name] == pytest.approx(published[task_name], abs=TOLERANCE[task.metadata.type]), task_name
+            assert scores[task_name] == pytest.approx(published[task_name], abs=TOLERANCE[task.metadata.type]), (
+                task_name
+            )

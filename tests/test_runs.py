@@ -1,4 +1,4 @@
-"""gist.runs on real (tiny) runs made by scripts/train.py: listing, metrics, models, evaluation results."""
+"""gist.evaluation.runs on real (tiny) runs made by gist.train.train: listing, metrics, models, evaluation results."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from gist.evaluation import main_scores
-from gist.mteb_tasks import load_tasks
-from gist.runs import is_run_dir, list_runs, load_run, runs_table
+from gist.evaluation.harness import main_scores
+from gist.evaluation.runs import is_run_dir, list_runs, load_run, runs_table
+from gist.evaluation.tasks import load_tasks
 
 
 def test_list_runs_finds_single_runs_and_multirun_jobs_in_order(tiny_runs, tmp_path):
@@ -57,9 +57,13 @@ def test_load_model_rebuilds_checkpoints_and_the_exported_model(tiny_runs):
     torch.testing.assert_close(best, exported, atol=1e-5, rtol=1e-4)  # train.py exports the best checkpoint
     last = run.load_model("last")
     state = torch.load(run.checkpoint("last").path, map_location="cpu", weights_only=True)["state_dict"]
-    torch.testing.assert_close(last.state_dict()["model.embeddings.word_embeddings.weight"],
-                               state["student.model.embeddings.word_embeddings.weight"])
-    model = run.eval_model("last")
+    torch.testing.assert_close(
+        last.state_dict()["model.embeddings.word_embeddings.weight"],
+        state["student.model.embeddings.word_embeddings.weight"],
+    )
+    from gist.evaluation.harness import run_model
+
+    model = run_model(run, "last")
     step = run.checkpoint("last").step
     assert model.name == run.id and model.revision.startswith(f"step{step}-") and model.step == step
 
@@ -70,29 +74,33 @@ def test_results_come_from_the_end_of_run_comparison_and_further_evaluations(tin
     assert {"base", "fine_tuned"} <= set(results)  # written by train.py's end-of-run comparison
     assert sorted(results["base"]) == ["TinySTS", "TinyTopicClassification"]
     comparison = json.loads((run.path / "eval" / "comparison.json").read_text())
-    assert {r["task"]: r["fine_tuned"] for r in comparison["rows"][:-1]} == pytest.approx(results["fine_tuned"], abs=1e-3)
+    assert {r["task"]: r["fine_tuned"] for r in comparison["rows"][:-1]} == pytest.approx(
+        results["fine_tuned"], abs=1e-3
+    )
     assert run.details("fine_tuned")["model"]["step"] == run.exported_step()
 
+    from gist.evaluation.harness import evaluate_run
+
     tasks = load_tasks(mteb_dir)
-    after = run.evaluate(tasks)  # base is already there; checkpoints are scored unless the notebook did it
+    after = evaluate_run(run, tasks)  # base is already there; checkpoints are scored unless the notebook did it
     assert sorted(after) == sorted(["base", "fine_tuned", *[c.label for c in run.checkpoints]])
     # The best checkpoint is the exported model: same weights, same scores.
     assert after[run.checkpoint("best").label] == pytest.approx(after["fine_tuned"], abs=1e-6)
     mtime = (run.path / "eval" / "last.json").stat().st_mtime_ns
-    run.evaluate(tasks)  # nothing missing: nothing re-evaluated
+    evaluate_run(run, tasks)  # nothing missing: nothing re-evaluated
     assert (run.path / "eval" / "last.json").stat().st_mtime_ns == mtime
     details = run.details("last")
     assert details["model"]["revision"].startswith(f"step{run.checkpoint('last').step}-")
     assert main_scores(details) == after["last"]
 
 
-def test_eval_cli_on_a_run_dir_files_results_in_the_run(tiny_runs, mteb_dir):
-    from tests.test_evaluation import eval_script
+def test_evaluating_a_run_dir_files_results_in_the_run(tiny_runs, mteb_dir):
+    from gist.evaluation.cli import evaluate_model
 
     run = list_runs(tiny_runs)[0]
-    scores = eval_script.main([f"model={run.path}", "checkpoint=last", f"data_dir={mteb_dir}", "tasks=[TinySTS]"])
+    scores = evaluate_model(str(run.path), checkpoint="last", data_dir=mteb_dir, tasks=["TinySTS"])
     assert json.loads((run.path / "eval" / "last.json").read_text()) == scores
     assert run.details("last")["model"]["name"] == run.id
     best = run.checkpoint("best").label
-    eval_script.main([f"model={run.path}", "checkpoint=best", f"data_dir={mteb_dir}", "tasks=[TinySTS]"])
+    evaluate_model(str(run.path), checkpoint="best", data_dir=mteb_dir, tasks=["TinySTS"])
     assert run.details(best)["model"]["step"] == run.checkpoint("best").step  # filed under the file name

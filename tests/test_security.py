@@ -6,16 +6,12 @@ import ast
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.test_config import CONF, load
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import CONF, ROOT, load, run_in_process
 
 
 def _torch_load_calls(path: Path):
@@ -26,9 +22,10 @@ def _torch_load_calls(path: Path):
                 yield node
 
 
+@pytest.mark.unit
 def test_every_torch_load_in_the_code_is_weights_only():
     calls = []
-    for path in [*ROOT.glob("gist/*.py"), *ROOT.glob("scripts/*.py")]:
+    for path in [*ROOT.glob("gist/**/*.py"), *ROOT.glob("scripts/*.py")]:
         for node in _torch_load_calls(path):
             kw = {k.arg: k.value for k in node.keywords}
             ok = isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
@@ -37,10 +34,17 @@ def test_every_torch_load_in_the_code_is_weights_only():
     assert [c for c, ok in calls if not ok] == []
 
 
+@pytest.mark.unit
 def test_resume_passes_weights_only_to_lightning():
-    tree = ast.parse((ROOT / "scripts" / "train.py").read_text())
-    fits = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "fit"]
-    assert fits and all(any(k.arg == "weights_only" and getattr(k.value, "value", None) is True for k in f.keywords) for f in fits)
+    tree = ast.parse((ROOT / "gist" / "train.py").read_text())
+    fits = [
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "fit"
+    ]
+    assert fits and all(
+        any(k.arg == "weights_only" and getattr(k.value, "value", None) is True for k in f.keywords) for f in fits
+    )
 
 
 class Payload:
@@ -51,19 +55,32 @@ class Payload:
 
 
 def test_a_checkpoint_carrying_code_is_refused_on_resume(tmp_path, monkeypatch, tiny_student, gist_file, mteb_dir):
-    from tests.test_train import tiny_cfg, train_script
+    from gist.train import train
+    from tests.helpers import assert_metric, tiny_cfg
 
     marker = tmp_path / "pwned"
     monkeypatch.setenv("GIST_TEST_MARKER", str(marker))
-    cfg = tiny_cfg(tmp_path, tiny_student, None, gist_file, mteb_dir, [
-        "guide=none", "loss=mnrl", "export=false", "compare_tasks_dir=null", "trainer.max_steps=2",
-    ])
-    train_script.train(cfg)
+    cfg = tiny_cfg(
+        tmp_path,
+        tiny_student,
+        None,
+        gist_file,
+        mteb_dir,
+        [
+            "guide=none",
+            "loss=mnrl",
+            "export=false",
+            "compare_tasks_dir=null",
+            "trainer.max_steps=2",
+        ],
+    )
+    assert_metric(train(cfg))
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 2
     # A genuine checkpoint resumes under weights_only=True (Lightning's contents are plain data)...
     cfg.trainer.max_steps = 3
     cfg.ckpt_path = str(last)
-    train_script.train(cfg)
+    assert_metric(train(cfg))
     assert torch.load(last, weights_only=True)["global_step"] == 3
     # ...a tampered one does not run its payload.
     ckpt = torch.load(last, weights_only=True)
@@ -73,12 +90,13 @@ def test_a_checkpoint_carrying_code_is_refused_on_resume(tmp_path, monkeypatch, 
     cfg.trainer.max_steps = 4
     cfg.ckpt_path = str(evil)
     with pytest.raises(Exception, match="Weights only load failed|Unsupported global"):
-        train_script.train(cfg)
+        train(cfg)
     assert not marker.exists()
 
 
+@pytest.mark.unit
 def test_remote_code_is_not_run_unless_the_config_says_so(tmp_path, tiny_student, monkeypatch):
-    from gist.encoder import Encoder, RemoteCodeError
+    from gist.core.encoder import Encoder, RemoteCodeError
 
     model = tmp_path / "custom-model"
     shutil.copytree(tiny_student, model)
@@ -90,13 +108,17 @@ def test_remote_code_is_not_run_unless_the_config_says_so(tmp_path, tiny_student
         "class CustomModel(BertModel):\n    config_class = CustomConfig\n"
     )
     cfg = json.loads((model / "config.json").read_text())
-    cfg.update(model_type="custom_bert", auto_map={"AutoConfig": "custom_bert.CustomConfig", "AutoModel": "custom_bert.CustomModel"})
+    cfg.update(
+        model_type="custom_bert",
+        auto_map={"AutoConfig": "custom_bert.CustomConfig", "AutoModel": "custom_bert.CustomModel"},
+    )
     (model / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(RemoteCodeError, match="trust_remote_code=true"):
         Encoder(str(model))
     assert not marker.exists()
 
 
+@pytest.mark.unit
 def test_every_model_and_guide_config_keeps_remote_code_off():
     for group in ("model", "guide"):
         for option in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
@@ -114,23 +136,43 @@ SECRETS = {
 }
 
 
-def test_no_secret_reaches_logs_configs_or_checkpoints(tmp_path, tiny_student, gist_file, mteb_dir):
-    """A real `scripts/train.py` run (Hydra files, train.log, CSV, W&B offline files, checkpoints, the
-    exported model) with secrets in the environment: none of them appears in any file of the run."""
-    env = {**os.environ, **SECRETS, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONPATH": str(ROOT)}
+def test_no_secret_reaches_logs_configs_or_checkpoints(tmp_path, tiny_student, gist_file, mteb_dir, monkeypatch, capfd):
+    """A real `scripts/train.py` run (its Hydra entry point, in this process: Hydra files, train.log, CSV,
+    W&B offline files and the W&B service's, checkpoints, the exported model) with secrets in the
+    environment: none of them appears in any file of the run, nor in its output."""
+    for key, value in {**SECRETS, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}.items():
+        monkeypatch.setenv(key, value)
     run = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "scripts/train.py", "data=files", f"data.train_files=[{gist_file}]", "data.batch_size=8",
-         f"data.val_sts_dir={mteb_dir / 'TinySTS'}", "data.val_batch_size=8", f"model.name={tiny_student}",
-         "model.max_length=32", "guide=none", "loss=mnrl", "logger=default", "trainer.max_steps=2",
-         "trainer.val_check_interval=2", "compare_tasks_dir=null", f"paths.cache_dir={tmp_path / 'cache'}",
-         f"hydra.run.dir={run}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    run_in_process(
+        [
+            "data=files",
+            f"data.train_files=[{gist_file}]",
+            "data.batch_size=8",
+            f"data.val_sts_dir={mteb_dir / 'TinySTS'}",
+            "data.val_batch_size=8",
+            f"model.name={tiny_student}",
+            "model.max_length=32",
+            "guide=none",
+            "loss=mnrl",
+            "logger=default",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "compare_tasks_dir=null",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+            f"hydra.run.dir={run}",
+        ],
+        monkeypatch,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    output = capfd.readouterr()
+    assert (run / "model" / "modules.json").is_file()
     files = [p for p in run.rglob("*") if p.is_file()]
     names = {p.name for p in files}
     assert {"config.yaml", "last.ckpt", "metrics.csv"} <= names and any(p.suffix == ".wandb" for p in files)
-    leaks = [(str(p.relative_to(run)), key) for p in files for key, value in SECRETS.items() if value.encode() in p.read_bytes()]
+    leaks = [
+        (str(p.relative_to(run)), key)
+        for p in files
+        for key, value in SECRETS.items()
+        if value.encode() in p.read_bytes()
+    ]
     assert leaks == []
-    assert not any(value in proc.stdout + proc.stderr for value in SECRETS.values())
+    assert not any(value in output.out + output.err for value in SECRETS.values())

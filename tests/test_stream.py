@@ -11,17 +11,26 @@ from pathlib import Path
 import pytest
 from torch.utils.data import DataLoader
 
-from gist.data import DataError, SameTaskBatches, SourceSpec, iter_rows, mixture_probabilities, source_spec
-from tests.conftest import write_jsonl
+from gist.data.batching import SameTaskBatches
+from gist.data.records import DataError, iter_rows
+from gist.data.sources import SourceSpec, mixture_probabilities, source_spec
+from tests.helpers import write_jsonl
+
+pytestmark = pytest.mark.unit
 
 
 def _rows(n_tasks: int, per_task: int, prefix: str = "", interleave: bool = True, neg: bool = True) -> list[dict]:
     """`n_tasks` tasks of `per_task` rows; interleaved round-robin (every task scattered over the whole
     stream) or task after task."""
-    order = [(i, t) for i in range(per_task) for t in range(n_tasks)] if interleave else [
-        (i, t) for t in range(n_tasks) for i in range(per_task)]
-    return [{"query": f"{prefix}t{t} q{i}", "pos": f"p {i}", "neg": f"n {i}" if neg else None,
-             "task_name": f"{prefix}t{t}"} for i, t in order]
+    order = (
+        [(i, t) for i in range(per_task) for t in range(n_tasks)]
+        if interleave
+        else [(i, t) for t in range(n_tasks) for i in range(per_task)]
+    )
+    return [
+        {"query": f"{prefix}t{t} q{i}", "pos": f"p {i}", "neg": f"n {i}" if neg else None, "task_name": f"{prefix}t{t}"}
+        for i, t in order
+    ]
 
 
 def _queries(batches) -> list[tuple[str, ...]]:
@@ -68,7 +77,9 @@ def test_leftovers_dropped_by_default_or_emitted_split_evenly_across_ranks(tmp_p
     # t0's 5 leftovers -> a batch of 4 (2 per rank, 1 row dropped); bt0's 1 and ct0's 3 (< 2 per rank) dropped.
     assert sizes == [("bt0", 8), ("t0", 4), ("t0", 8)]
     assert emitted.stats["emitted_leftover_batches"] == 1 and emitted.stats["leftover_rows"] == 1 + 1 + 3
-    per_rank = [[len(b) for b in SameTaskBatches([path], 4, seed=0, world_size=2, rank=r, leftovers="emit")] for r in (0, 1)]
+    per_rank = [
+        [len(b) for b in SameTaskBatches([path], 4, seed=0, world_size=2, rank=r, leftovers="emit")] for r in (0, 1)
+    ]
     assert per_rank[0] == per_rank[1] and sorted(per_rank[0]) == [2, 4, 4]
     with pytest.raises(ValueError, match="leftovers"):
         SameTaskBatches([path], 4, leftovers="keep")
@@ -162,7 +173,12 @@ def test_source_entries_from_config(tmp_path):
 # -- DDP: every rank on the same task, the global batch split without duplication ---------------------
 def _rank_batches(path, rank, world, num_workers=0, **kw):
     ds = SameTaskBatches([path], 4, seed=3, shuffle_buffer=5, rank=rank, world_size=world, **kw)
-    loader = DataLoader(ds, batch_size=None, num_workers=num_workers, collate_fn=lambda b: (b.epoch, b.index, [r["query"] for r in b], b[0]["task_name"]))
+    loader = DataLoader(
+        ds,
+        batch_size=None,
+        num_workers=num_workers,
+        collate_fn=lambda b: (b.epoch, b.index, [r["query"] for r in b], b[0]["task_name"]),
+    )
     return list(loader)
 
 
@@ -207,7 +223,9 @@ def test_two_gloo_processes_see_the_same_task_sequence(tmp_path):
     path = write_jsonl(tmp_path / "s.jsonl", _rows(5, 37))
     outs = [tmp_path / f"rank{r}.json" for r in (0, 1)]
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, str(tmp_path / "init"), str(path), str(outs[r]))) for r in (0, 1)]
+    procs = [
+        ctx.Process(target=_ddp_worker, args=(r, 2, str(tmp_path / "init"), str(path), str(outs[r]))) for r in (0, 1)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -254,14 +272,24 @@ def test_hydra_sources_build_the_weighted_mixture(tmp_path):
     data.train_files counting as weight 1."""
     from hydra.utils import instantiate
 
-    from tests.test_config import load
+    from tests.helpers import load
 
     a, b = _mixture_files(tmp_path)
     extra = write_jsonl(tmp_path / "c.jsonl", _rows(1, 40, prefix="c-"))
-    cfg = load(["data=files", f"data.train_files=[{extra}]",
-                f"data.sources=[{{path: {a}, weight: 2, max_rows: 100}}, {{path: {b}, weight: 1}}]"])
+    cfg = load(
+        [
+            "data=files",
+            f"data.train_files=[{extra}]",
+            f"data.sources=[{{path: {a}, weight: 2, max_rows: 100}}, {{path: {b}, weight: 1}}]",
+        ]
+    )
     dm = instantiate(cfg.data)
     specs = dm.sources()
     assert specs == [SourceSpec(extra, weight=1.0), SourceSpec(a, weight=2, max_rows=100), SourceSpec(b, weight=1)]
     assert SameTaskBatches(specs, 4).probabilities == pytest.approx([0.25, 0.5, 0.25])
-    assert instantiate(load(["data=files", "data.sources=[]", f"data.train_files=[{a}]", "data.temperature=2"]).data).temperature == 2
+    assert (
+        instantiate(
+            load(["data=files", "data.sources=[]", f"data.train_files=[{a}]", "data.temperature=2"]).data
+        ).temperature
+        == 2
+    )

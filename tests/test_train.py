@@ -1,72 +1,69 @@
-"""End to end through scripts/train.py's `train(cfg)`: tiny random BERTs, real configs, export round trip."""
+"""End to end through `gist.train.train(cfg)`: tiny random BERTs, real configs, export round trip."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
-from tests.test_config import load
-
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
-train_script = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train_script)
-
-
-def tiny_cfg(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, overrides=()):
-    guide = [] if "guide=none" in overrides else [f"guide.name={tiny_guide}", "guide.max_length=48"]
-    cfg = load([
-        "data=files", f"data.train_files=[{gist_file}]", "data.batch_size=8",
-        f"data.val_sts_dir={mteb_dir / 'TinySTS'}", "data.val_batch_size=8",
-        f"model.name={tiny_student}", "model.max_length=32",
-        *guide,
-        f"compare_tasks_dir={mteb_dir}", "logger=csv",
-        "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1", "optim.warmup_steps=1", "optim.lr=1e-3",
-        *overrides,
-    ])
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path / "run")
-        cfg.paths.cache_dir = str(tmp_path / "cache")
-        del cfg["hydra"]  # as in a @hydra.main app, the job config has no hydra node
-    return cfg
+from gist.train import train
+from tests.helpers import assert_metric, assert_run_files, tiny_cfg
 
 
 def test_fast_dev_run(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir):
     cfg = tiny_cfg(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, ["debug=fdr"])
-    train_script.train(cfg)
+    assert_metric(train(cfg))  # fast_dev_run validates once
+    assert_run_files(Path(cfg.paths.output_dir), model=False)  # debug=fdr: export=false, compare_tasks_dir=null
 
 
-@pytest.mark.parametrize("overrides", [["loss=mnrl", "guide=none"], ["loss=no_guide", "guide=none"], ["loss.margin=0.05", "loss.mask_self_pairs=true"], ["loss=gist_cached", "loss.mini_batch_size=3"]])
+# Slow variants: the default tier trains GIST (test_fast_dev_run), no_guide and GradCache (here), mnrl
+# (test_bad_input.py, test_security.py, test_faults.py); margins and self-pair masks are test_losses.py's.
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param(["loss=mnrl", "guide=none"], marks=pytest.mark.slow),
+        ["loss=no_guide", "guide=none"],
+        pytest.param(["loss.margin=0.05", "loss.mask_self_pairs=true"], marks=pytest.mark.slow),
+        ["loss=gist_cached", "loss.mini_batch_size=3"],
+    ],
+)
 def test_fast_dev_run_loss_variants(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, overrides):
     cfg = tiny_cfg(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, ["debug=fdr", *overrides])
-    train_script.train(cfg)
+    assert_metric(train(cfg))
+    assert_run_files(Path(cfg.paths.output_dir), model=False)
 
 
 def test_bf16_mixed_trains_on_cpu(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir):
-    cfg = tiny_cfg(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, ["debug=fdr", "trainer.precision=bf16-mixed"])
-    train_script.train(cfg)
+    cfg = tiny_cfg(
+        tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, ["debug=fdr", "trainer.precision=bf16-mixed"]
+    )
+    assert_metric(train(cfg))
+    assert_run_files(Path(cfg.paths.output_dir), model=False)
 
 
-def test_train_exports_a_sentence_transformers_model_with_identical_embeddings(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, capsys):
-    from sentence_transformers import SentenceTransformer
+def test_train_exports_a_sentence_transformers_model_with_identical_embeddings(
+    tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, capsys
+):
     import torch.nn.functional as F
+    from sentence_transformers import SentenceTransformer
 
-    from gist.encoder import Encoder
+    from gist.core.encoder import Encoder
 
     cfg = tiny_cfg(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir)
-    metric = train_script.train(cfg)
+    assert_metric(train(cfg))
     run = Path(cfg.paths.output_dir)
-    assert metric is not None and -1 <= metric <= 1
-    assert (run / "config.yaml").exists() and (run / "checkpoints" / "last.ckpt").exists()
+    assert_run_files(run, evaluation=True)
     metrics = (run / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
-    for name in ("train/loss", "train/masked_frac", "train/effective_negatives", "lr", "train/samples_per_s", "val/stsb_spearman"):
+    for name in (
+        "train/loss",
+        "train/masked_frac",
+        "train/effective_negatives",
+        "lr",
+        "train/samples_per_s",
+        "val/stsb_spearman",
+    ):
         assert name in metrics
     # The end-of-run table: base vs fine-tuned on every task folder of compare_tasks_dir, printed and saved.
     out = capsys.readouterr().out

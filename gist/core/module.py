@@ -1,0 +1,221 @@
+"""The LightningModule: a trainable student, a frozen guide and a contrastive loss.
+
+Training step: encode anchor / positive / negative with the student (train mode) and, when the loss
+needs it, with the guide (eval, no grad, its own tokenization from the collate step); the loss module
+returns (loss, stats). Validation: cosine Spearman of the student on an STS split.
+
+The guide is NOT a registered submodule: it stays out of `parameters()`, the optimizer, DDP's
+gradient sync and `state_dict()` (so checkpoints hold the student only), yet follows the module's
+`.to(device)` through `_apply`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+from torchmetrics.regression import SpearmanCorrCoef
+
+from gist.core.encoder import Encoder, FrozenGuide, encode_blocks
+from gist.infra import distributed
+
+if TYPE_CHECKING:  # annotations only: gist.core does not import gist.data at runtime
+    from gist.data.collate import StsBatch, TrainBatch
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN/inf loss, gradient or weight: the run stops before it can reach a checkpoint."""
+
+
+class GuideMismatchError(ValueError):
+    """The loss and the guide do not go together (a guided loss without a guide, or a guide that a
+    guide-free loss would silently ignore)."""
+
+
+def check_guide(loss: nn.Module, has_guide: bool) -> None:
+    """The one place that decides whether a run has a guide: exactly when its loss needs one
+    (`loss.requires_guide`). gist.train calls it before loading any model; GISTModule calls it too."""
+    needs = bool(getattr(loss, "requires_guide", False))
+    if needs and not has_guide:
+        raise GuideMismatchError(
+            f"loss {type(loss).__name__} needs a guide model but none is set (guide=none): choose one "
+            "(guide=mpnet, guide=minilm, ...) or a guide-free loss (loss=no_guide, loss=mnrl)"
+        )
+    if has_guide and not needs:
+        raise GuideMismatchError(
+            f"loss {type(loss).__name__} uses no guide, but a guide is set: add guide=none "
+            "(or choose a guided loss: loss=gist, loss=gist_cached)"
+        )
+
+
+class GISTModule(LightningModule):
+    """Args:
+    student: the encoder being trained.
+    loss: a loss module from gist.core.loss_modules (`requires_guide` says whether it uses the guide; it
+        runs GradCache and cross-device gathering itself: `batch_loss`).
+    guide: the guide encoder (frozen here), or None for guide-free losses.
+    lr / weight_decay / betas / eps: AdamW.
+    fused: AdamW's fused kernel (one pass over the parameters; CPU and CUDA). None: on when every
+        trainable parameter is a float tensor on CPU or CUDA and precision is not mixed (Lightning does
+        not clip gradients of fused optimizers under its mixed-precision plugins).
+    warmup_steps: linear warm-up from 0 to lr.
+    schedule_steps: step at which the linear decay reaches 0; None = trainer.max_steps. GIST's released
+        checkpoints stopped inside a much longer schedule, so this is separate from max_steps.
+    guide_cache: a `gist.core.guide_cache.GuideCache`; batches whose guide embeddings the collator found
+        there skip the guide forward, the others are computed live and written to it.
+    bucket_size: embed the texts of all blocks of a step in length-sorted buckets of this many texts,
+        each padded only to its own longest text (same embeddings and gradients, fewer padded tokens;
+        see gist.core.encoder.encode_blocks). None: one forward per block. Applies to the student and the
+        live guide; GradCache (loss mini_batch_size) keeps its own mini-batches.
+    """
+
+    def __init__(
+        self,
+        student: Encoder,
+        loss: nn.Module,
+        guide: Encoder | None = None,
+        lr: float = 2e-5,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        warmup_steps: int = 0,
+        schedule_steps: int | None = None,
+        guide_cache=None,
+        bucket_size: int | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        super().__init__()
+        check_guide(loss, guide is not None)
+        if warmup_steps < 0 or (schedule_steps is not None and schedule_steps <= warmup_steps):
+            raise ValueError(f"need 0 <= warmup_steps < schedule_steps, got {warmup_steps}, {schedule_steps}")
+        self.student = student
+        self.loss_fn = loss
+        self.__dict__["guide"] = FrozenGuide(guide) if guide is not None else None
+        self.guide_cache = guide_cache if self.guide is not None else None
+        self.optim = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
+        self.fused = fused
+        self.warmup_steps, self.schedule_steps = warmup_steps, schedule_steps
+        if bucket_size is not None and bucket_size < 1:
+            raise ValueError(f"bucket_size must be >= 1 or null, got {bucket_size}")
+        self.bucket_size = bucket_size
+        self.val_spearman = SpearmanCorrCoef()
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        if self.guide is not None:
+            self.guide._apply(fn, *args, **kwargs)
+        return self
+
+    def _encode(self, encoder: nn.Module, features: dict) -> dict[str, torch.Tensor]:
+        return encode_blocks(encoder, features, self.bucket_size)
+
+    def _ddp_wrapper(self):
+        """The DistributedDataParallel module wrapping this one (Lightning's DDP strategies), else None."""
+        trainer = self._trainer
+        model = getattr(getattr(trainer, "strategy", None), "model", None) if trainer is not None else None
+        return model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
+
+    def training_step(self, batch: TrainBatch, batch_idx: int) -> torch.Tensor:
+        ids = batch.text_ids
+        text_ids = (ids["anchor"], ids["positive"], ids.get("negative"))
+        guide = self._guide_embeddings(batch)
+        loss, stats = self.loss_fn.batch_loss(
+            self.student, batch.student, guide, text_ids, encode=self._encode, ddp=self._ddp_wrapper()
+        )
+        # Every rank must agree, else one raises while the others wait in the backward's all-reduce.
+        if not distributed.all_ranks_true(bool(torch.isfinite(loss)), loss.device):
+            raise NonFiniteError(
+                f"non-finite training loss ({loss.item()} on this rank) at step {self.global_step} "
+                f"(task {batch.task!r}): stopping before the optimizer step, so no checkpoint is written "
+                "from it; the last checkpoint holds the last good weights"
+            )
+        B = batch.size
+        self.log("train/loss", loss, prog_bar=True, batch_size=B)
+        self.log("train/masked_frac", stats["masked_frac"], prog_bar=True, batch_size=B)
+        self.log("train/effective_negatives", stats["effective_negatives"], batch_size=B)
+        return loss
+
+    def _guide_embeddings(self, batch: TrainBatch) -> dict[str, torch.Tensor] | None:
+        if self.guide is None:
+            return None
+        if batch.guide_emb is not None:  # from the cache: no guide forward in this step
+            return {k: v.to(self.device) for k, v in batch.guide_emb.items()}
+        guide = self._encode(self.guide, batch.guide)
+        if self.guide_cache is not None:
+            for block, emb in guide.items():
+                self.guide_cache.add(batch.text_ids[block], emb)
+        return guide
+
+    def on_train_end(self) -> None:
+        if self.guide_cache is not None:
+            self.guide_cache.flush()
+
+    def validation_step(self, batch: StsBatch, batch_idx: int) -> None:
+        e1, e2 = self.student(batch.sentence1), self.student(batch.sentence2)
+        self.val_spearman.update((e1 * e2).sum(-1).float(), batch.score)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/stsb_spearman", self.val_spearman.compute(), prog_bar=True)
+        self.val_spearman.reset()
+
+    def on_train_epoch_start(self) -> None:
+        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+        if hasattr(dataset, "set_epoch"):  # a new seeded batch order each epoch
+            dataset.set_epoch(self.current_epoch)
+
+    def configure_optimizers(self):
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        fused = self.fused
+        if fused is None:
+            # Lightning refuses gradient clipping with a fused optimizer under a mixed precision plugin.
+            mixed = self._trainer is not None and "mixed" in str(self.trainer.precision)
+            fused = not mixed and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+        optimizer = torch.optim.AdamW(params, **self.optim, fused=fused)
+        total = self.schedule_steps or self.trainer.max_steps
+        if total is None or total <= 0 or total == math.inf:
+            raise ValueError(
+                "the LR schedule needs trainer.max_steps or optim.schedule_steps (streamed data has no length)"
+            )
+        warmup = self.warmup_steps
+
+        def linear(step: int) -> float:
+            if step < warmup:
+                return step / max(1, warmup)
+            return max(0.0, (total - step) / max(1, total - warmup))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """A finite loss can still give inf/NaN gradients (overflow in backward); stepping on them would
+        put NaN into the weights and the next checkpoint. Gradients are already averaged over ranks
+        here, so every rank decides alike. Skipped under fp16 loss scaling, whose scaler skips such
+        steps by design."""
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return
+        grads = [p.grad for p in self.student.parameters() if p.grad is not None]
+        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):  # one fused (foreach) pass
+            bad = [
+                n for n, p in self.student.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()
+            ]
+            raise NonFiniteError(
+                f"non-finite gradients at step {self.global_step} in {len(bad)} tensors (first: {bad[0]}): stopping "
+                "before the optimizer step; the last checkpoint holds the last good weights"
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        bad = [k for k, v in checkpoint["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:  # never replace a good checkpoint by a broken one
+            raise NonFiniteError(
+                f"refusing to save a checkpoint at step {self.global_step}: non-finite weights in {bad[:3]}"
+            )
+        # What it takes to rebuild the student around the saved weights (gist.evaluation.runs / export from a ckpt).
+        checkpoint["gist_student"] = {
+            "name": self.student.name,
+            "revision": self.student.revision,
+            "pooling": self.student.pooling,
+            "max_length": self.student.max_length,
+        }

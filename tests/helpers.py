@@ -1,0 +1,433 @@
+"""Plain helpers shared by the tests (tests/conftest.py holds the fixtures, built from these).
+
+    from tests.helpers import load, tiny_cfg, write_jsonl
+
+- data: WORDS, sentence, write_jsonl; models: make_tiny_bert (a random BERT + WordPiece folder)
+- config: CONF, load (conf/train.yaml composed with overrides), tiny_cfg (a `train(cfg)` config on the
+  tiny fixtures, paths in tmp); assert_metric / assert_run_files (what `train(cfg)` returned and wrote)
+- running scripts/train.py: tiny (CLI overrides on the tiny fixtures), with_overrides, run_in_process
+  (Hydra's real entry point in this process), run_subprocess, job_dirs, RecordReturns (a Hydra callback
+  recording what a sweeper receives), recipes / recipe (README's Recipes section)
+- outputs: read_wandb_file (records of an offline W&B run), wandb_runs; fake_job / make_fake_sweep (an
+  ablation sweep's run folders with hand-picked scores)
+- faults: KillAtStep (a Lightning callback that SIGKILLs the run's process group at a step; configs
+  name it `tests.helpers.KillAtStep`)
+
+Cheap to import: torch, transformers, Lightning and Hydra are imported where they are used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+DATA = ROOT / "data" / "mteb"
+
+WORDS = (
+    "the a an is are was were be to of and in on for with my your card bank money account transfer "
+    "happy sad angry fear love surprise joy movie film great bad good terrible product review book "
+    "cat dog man woman plays guitar piano flute runs walks eats food pizza cheese plane flying taking off "
+    "i you he she it we they not very really so what how when where why can do does did please help"
+).split()
+
+
+def set_test_environment() -> None:
+    """Tests never touch the network; W&B writes offline runs; configs resolve paths from this checkout."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ["WANDB_MODE"] = "offline"
+    os.environ["WANDB_SILENT"] = "true"
+    os.environ["GIST_ROOT"] = str(ROOT)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# --- data and models ------------------------------------------------------------------------------------
+
+
+def sentence(rng, n: int = 6) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def make_tiny_bert(path: Path, hidden: int = 32, layers: int = 2, pooling: str = "mean", seed: int = 0) -> Path:
+    """A randomly initialised BERT + WordPiece tokenizer folder, with a sentence-transformers pooling config."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(WORDS)), *"abcdefghijklmnopqrstuvwxyz.,!?'"]
+    (path / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
+    tokenizer = BertTokenizerFast(vocab=str(path / "vocab.txt"), do_lower_case=True)
+    # Regression: transformers 5 ignores `vocab_file=`, leaving a 5-token vocab that maps every word to
+    # [UNK] (all texts embed identically and the end-to-end tests silently test nothing).
+    assert tokenizer.tokenize("the cat plays piano") == ["the", "cat", "plays", "piano"]
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(dict.fromkeys(vocab)),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=128,
+    )
+    BertModel(config).save_pretrained(path)
+    (path / "modules.json").write_text(
+        json.dumps(
+            [
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            ]
+        )
+    )
+    (path / "1_Pooling").mkdir(exist_ok=True)
+    (path / "1_Pooling" / "config.json").write_text(
+        json.dumps(
+            {
+                "word_embedding_dimension": hidden,
+                "pooling_mode_cls_token": pooling == "cls",
+                "pooling_mode_mean_tokens": pooling == "mean",
+            }
+        )
+    )
+    (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 32}))
+    return path
+
+
+# --- configs --------------------------------------------------------------------------------------------
+
+
+def load(overrides=()):
+    """conf/train.yaml composed with `overrides`, with its hydra node (as the CLI would see it)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=True)
+
+
+def tiny_cfg(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, overrides=()):
+    """A job config for `gist.train.train(cfg)` on the tiny fixtures: 4 steps of batch 8, validation on
+    TinySTS every 2 steps, CSV logger, output in tmp_path/run, caches in tmp_path/cache. With
+    `guide=none` in `overrides` the tiny guide is not set (pass a guide-free loss with it)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    guide = [] if "guide=none" in overrides else [f"guide.name={tiny_guide}", "guide.max_length=48"]
+    cfg = load(
+        [
+            "data=files",
+            f"data.train_files=[{gist_file}]",
+            "data.batch_size=8",
+            f"data.val_sts_dir={mteb_dir / 'TinySTS'}",
+            "data.val_batch_size=8",
+            f"model.name={tiny_student}",
+            "model.max_length=32",
+            *guide,
+            f"compare_tasks_dir={mteb_dir}",
+            "logger=csv",
+            "trainer.max_steps=4",
+            "trainer.val_check_interval=2",
+            "trainer.log_every_n_steps=1",
+            "optim.warmup_steps=1",
+            "optim.lr=1e-3",
+            *overrides,
+        ]
+    )
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+        cfg.paths.cache_dir = str(tmp_path / "cache")
+        del cfg["hydra"]  # as in a @hydra.main app, the job config has no hydra node
+    return cfg
+
+
+def assert_metric(metric) -> float:
+    """What `train(cfg)` returns with validation: the best val/stsb_spearman, a float in [-1, 1]."""
+    assert isinstance(metric, float) and -1 <= metric <= 1, metric
+    return metric
+
+
+def assert_run_files(run: Path, *, checkpoints: bool = True, model: bool = True, evaluation: bool = False) -> None:
+    """What `train(cfg)` wrote in its output folder: config.yaml always; checkpoints/last.ckpt (written
+    even by debug=fdr); model/ (the exported sentence-transformers folder) unless export=false;
+    eval/comparison.json when compare_tasks_dir is set."""
+    assert (run / "config.yaml").is_file()
+    assert (run / "checkpoints" / "last.ckpt").is_file() == checkpoints, list(run.iterdir())
+    assert (run / "model" / "modules.json").is_file() == model, list(run.iterdir())
+    assert (run / "eval" / "comparison.json").is_file() == evaluation, list(run.iterdir())
+
+
+# --- scripts/train.py -----------------------------------------------------------------------------------
+
+
+def tiny(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, guide: bool = True, steps: int = 2) -> list[str]:
+    """Overrides that make any train.py command tiny: random BERTs, 72 rows, `steps` steps, paths in tmp."""
+    return [
+        "data=files",
+        f"data.train_files=[{gist_file}]",
+        "data.batch_size=8",
+        f"data.val_sts_dir={mteb_dir / 'TinySTS'}",
+        "data.val_batch_size=8",
+        f"model.name={tiny_student}",
+        "model.max_length=32",
+        *([f"guide.name={tiny_guide}", "guide.max_length=48"] if guide else []),
+        "compare_tasks_dir=null",
+        f"trainer.max_steps={steps}",
+        f"trainer.val_check_interval={steps}",
+        "trainer.log_every_n_steps=1",
+        "optim.warmup_steps=1",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    ]
+
+
+def with_overrides(args: list[str], overrides: list[str]) -> list[str]:
+    """`args` with each `key=value` of `overrides` replacing the same key's argument, else appended."""
+    args = list(args)
+    for override in overrides:
+        key = override.split("=", 1)[0]
+        hits = [i for i, a in enumerate(args) if a.split("=", 1)[0] == key]
+        if hits:
+            args[hits[0]] = override
+        else:
+            args.append(override)
+    return args
+
+
+def _record_returns_class():
+    from hydra.experimental.callback import Callback
+
+    class RecordReturns(Callback):
+        """A Hydra callback that appends each job's return value (what a sweeper receives) to a jsonl file."""
+
+        def __init__(self, path: str) -> None:
+            self.path = path
+
+        def on_job_end(self, config, job_return, **kwargs) -> None:
+            with open(self.path, "a") as f:
+                f.write(
+                    json.dumps(
+                        {
+                            "dir": job_return.hydra_cfg.hydra.runtime.output_dir,
+                            "overrides": list(job_return.overrides),
+                            "value": job_return.return_value,
+                        }
+                    )
+                    + "\n"
+                )
+
+    RecordReturns.__module__ = __name__
+    RecordReturns.__qualname__ = "RecordReturns"
+    return RecordReturns
+
+
+def _kill_at_step_class():
+    import signal
+
+    from lightning.pytorch import Callback
+
+    class KillAtStep(Callback):
+        """SIGKILLs the training run (its whole process group: every DDP rank and DataLoader worker, as a
+        pre-empted node) when optimizer step `step` is about to start; used by tests/test_resume.py."""
+
+        def __init__(self, step: int) -> None:
+            self.step = step
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if trainer.global_step == self.step:
+                os.killpg(os.getpgid(0), signal.SIGKILL)
+
+    KillAtStep.__module__ = __name__
+    KillAtStep.__qualname__ = "KillAtStep"
+    return KillAtStep
+
+
+_LAZY = {"RecordReturns": _record_returns_class, "KillAtStep": _kill_at_step_class}
+
+
+def __getattr__(name: str):
+    """RecordReturns (Hydra) and KillAtStep (Lightning) are built on first use, as `tests.helpers.<name>`
+    (what `_target_` in a config names), so importing this module stays cheap."""
+    if name in _LAZY:
+        cls = _LAZY[name]()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def run_in_process(args: list[str], monkeypatch, record: Path | None = None) -> None:
+    """`python scripts/train.py <args>` in this process (Hydra's real entry point, errors not swallowed).
+    With `record`, each job's return value is appended to that jsonl file (RecordReturns)."""
+    import runpy
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    if record is not None:
+        args = [
+            *args,
+            "+hydra.callbacks.record._target_=tests.helpers.RecordReturns",
+            f"+hydra.callbacks.record.path={record}",
+        ]
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "scripts" / "train.py"), *args])
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    GlobalHydra.instance().clear()
+    try:
+        runpy.run_path(str(ROOT / "scripts" / "train.py"), run_name="__main__")
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def run_subprocess(args: list[str], tmp_path: Path, timeout: int = 600, cmd: list[str] | None = None) -> str:
+    """`python scripts/train.py <args>` (or `cmd <args>`) as a child process in tmp_path; its output."""
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1", "PYTHONPATH": str(ROOT)}
+    cmd = cmd or [sys.executable, str(ROOT / "scripts" / "train.py")]
+    proc = subprocess.run([*cmd, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    return out
+
+
+def job_dirs(log_dir: Path, task: str = "quickstart") -> list[Path]:
+    """The job folders of the one sweep under <log_dir>/<task>/multiruns, in job order."""
+    (sweep,) = (log_dir / task / "multiruns").iterdir()  # exactly one sweep folder
+    return sorted((p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+
+
+def recipes() -> dict[str, tuple[dict[str, str], list[str]]]:
+    """{name: (env assignments, argv)} from the `# recipe: <name>` lines of README's Recipes section."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Recipes\n", 1)[1].split("\n## ", 1)[0]
+    found = {}
+    for name, command in re.findall(r"^# recipe: (\w+).*\n(.+)$", section, flags=re.M):
+        tokens = shlex.split(command)
+        env = {}
+        while re.match(r"^[A-Z_]+=", tokens[0]):
+            key, value = tokens.pop(0).split("=", 1)
+            env[key] = value
+        found[name] = (env, tokens)
+    return found
+
+
+def recipe(name: str) -> list[str]:
+    """The recipe's arguments after `python scripts/train.py`."""
+    _, argv = recipes()[name]
+    assert argv[:2] == ["python", "scripts/train.py"], argv
+    return argv[2:]
+
+
+# --- run outputs ----------------------------------------------------------------------------------------
+
+
+def wandb_runs(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "wandb").glob("offline-run-*"))
+
+
+def read_wandb_file(run_dir: Path) -> dict:
+    """The records of an offline run's .wandb file (a LevelDB-style log of protobuf Records: 7-byte file
+    header, then 32 KiB blocks of records with a 7-byte header each, FULL / FIRST..MIDDLE..LAST chunks)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = run_dir.glob("*.wandb")
+    data, block = path.read_bytes(), 32768
+    assert data[:4] == b":W&B"
+    pos, chunks, records = 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0:
+            break
+        chunks += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunks)
+            records.append(record)
+            chunks = b""
+    out = {"run": None, "config": {}, "history_keys": set(), "artifacts": []}
+    for r in records:
+        which = r.WhichOneof("record_type")
+        if which == "run":
+            out["run"] = r.run
+        elif which == "config":
+            out["config"].update({i.key: json.loads(i.value_json) for i in r.config.update if i.key})
+        elif which == "history":
+            out["history_keys"].update(i.key or "/".join(i.nested_key) for i in r.history.item)
+        elif which == "artifact":
+            out["artifacts"].append(r.artifact)
+    return out
+
+
+# --- ablation sweeps ------------------------------------------------------------------------------------
+
+
+def fake_job(sweep: Path, num: int, variant: str, seed: int, scores: dict, base: dict, masked: list[float]) -> Path:
+    """One job folder of an ablation sweep as gist.analysis.ablation reads it, with the given scores."""
+    import yaml
+
+    job = sweep / str(num)
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(
+        yaml.safe_dump([f"ablation={variant}", f"seed={seed}", "sweep=ablation"])
+    )
+    (job / "config.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "seed": seed,
+                "task_name": "ablation",
+                "loss": {"_target_": "gist.core.loss_modules.GISTLoss", "temperature": 0.01},
+                "guide": {"name": "g"},
+                "model": {"name": "m"},
+                "trainer": {"max_steps": 100},
+                "optim": {"lr": 2e-5, "warmup_steps": 10},
+                "data": {"batch_size": 16, "train_files": ["train.jsonl"]},
+            }
+        )
+    )
+    (job / "csv").mkdir()
+    lines = ["step,train/masked_frac,train/effective_negatives"] + [
+        f"{i * 10 + 9},{m},{40 - m * 10}" for i, m in enumerate(masked)
+    ]
+    (job / "csv" / "metrics.csv").write_text("\n".join(lines) + "\n")
+    (job / "eval").mkdir()
+    (job / "eval" / "fine_tuned.json").write_text(json.dumps(scores))
+    (job / "eval" / "base.json").write_text(json.dumps(base))
+    # The job's span: .hydra/ written at its start, eval/ at its end (30 s later here).
+    start = 1_800_000_000 + 100 * num
+    for file in job.rglob("*"):
+        if file.is_file():
+            os.utime(file, (start + 30, start + 30) if file.parent.name == "eval" else (start, start))
+    return job
+
+
+def make_fake_sweep(root: Path) -> Path:
+    """Two variants x three seeds with hand-picked scores (two tasks): gist_mpnet T1 80, 82, 84 and T2
+    60, 61, 65; no_guide T1 79, 80, 84 and T2 60, 62, 65; base T1 70, T2 50."""
+    sweep = root / "2026-11-27_10-00-00_ablation"
+    base = {"T1": 70.0, "T2": 50.0}
+    a = [(80.0, 60.0), (82.0, 61.0), (84.0, 65.0)]
+    b = [(79.0, 60.0), (80.0, 62.0), (84.0, 65.0)]
+    num = 0
+    for variant, rows in (("gist_mpnet", a), ("no_guide", b)):
+        for seed, (t1, t2) in zip((1, 2, 3), rows):
+            fake_job(sweep, num, variant, seed, {"T1": t1, "T2": t2}, base, [0.1 * seed, 0.3 * seed])
+            num += 1
+    return sweep
