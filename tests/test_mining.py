@@ -1,4 +1,4 @@
-"""Triplet mining (GIST_SPEC §3): procedure properties and determinism."""
+"""Triplet mining (GISTEmbed paper, arXiv:2402.16829; its author's mining script): procedure properties and determinism."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import CONF, ROOT, load, run_in_process
+from tests.helpers import CONF, ROOT, load, run_in_process, tiny_models_and_data
 
 
 def _torch_load_calls(path: Path):
@@ -145,13 +145,7 @@ def test_no_secret_reaches_logs_configs_or_checkpoints(tmp_path, tiny_student, g
     run = tmp_path / "run"
     run_in_process(
         [
-            "data=files",
-            f"data.train_files=[{gist_file}]",
-            "data.batch_size=8",
-            f"data.val_sts_dir={mteb_dir / 'TinySTS'}",
-            "data.val_batch_size=8",
-            f"model.name={tiny_student}",
-            "model.max_length=32",
+            *tiny_models_and_data(tiny_student, None, gist_file, mteb_dir, guide=False),
             "guide=none",
             "loss=mnrl",
             "logger=default",

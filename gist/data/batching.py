@@ -1,6 +1,7 @@
 """Same-task batching of the training stream, with DDP / DataLoader-worker sharding and exact resume.
 
-Same-task batches (GIST_SPEC §2): rows go into a buffer per task_name in stream order; a full buffer
+Same-task batches (as GIST v0 trained; GISTEmbed, arXiv:2402.16829): rows go into a buffer per task_name in
+stream order; a full buffer
 becomes a batch (so every batch holds ONE task, whether the task's rows are contiguous or scattered);
 batches pass through a seeded shuffle pool of `shuffle_buffer` batches. Leftovers (< batch_size rows
 of a task at the end of an epoch) are dropped by default, as GIST drops chunks that span two tasks.

@@ -88,7 +88,8 @@ class GISTDataModule(LightningDataModule):
         self.hub_datasets = [HubDataset(**dict(h)) for h in hub_datasets]
         self.source_specs = [source_spec(s) for s in sources]
         # An entry may be a list of sources (gist.data.mining.mine_tasks): flattened in order.
-        self.derived = [s for entry in derived for s in (entry if isinstance(entry, (list, tuple)) else [entry])]
+        # (Hydra hands such a list over as a ListConfig of objects: anything without `materialize` is a list.)
+        self.derived = [s for entry in derived for s in ([entry] if hasattr(entry, "materialize") else list(entry))]
         if not (self.train_files or self.hub_datasets or self.source_specs or self.derived):
             raise ValueError("no training data: set data.train_files, data.hub_datasets, data.sources or data.derived")
         self.temperature, self.leftovers, self.max_buffered_rows = temperature, leftovers, max_buffered_rows
