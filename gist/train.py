@@ -72,9 +72,9 @@ def run(cfg: DictConfig, wandb_identity: dict | None = None) -> float | None:
     built.trainer.fit(built.module, datamodule=built.datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     report_bad_rows(built.datamodule, output_dir, built.loggers)
     metrics = {k: float(v) for k, v in built.trainer.callback_metrics.items()}
-    best, score = load_best_checkpoint(built.trainer, built.module)
-    if score is not None:
-        metrics[cfg.optimized_metric] = score
+    best = load_best_checkpoint(built.trainer, built.module)
+    if best is not None and best.score is not None:
+        metrics[cfg.optimized_metric] = best.score
     if built.trainer.is_global_zero and cfg.get("export"):
         export_and_compare(cfg, built, output_dir, best, metrics.get(cfg.optimized_metric))
     return metrics.get(cfg.optimized_metric)
@@ -120,13 +120,20 @@ def build_loggers(cfg: DictConfig, wandb_identity: dict) -> list:
     return loggers
 
 
-def load_best_checkpoint(trainer: Trainer, module: GISTModule) -> tuple[str | None, float | None]:
-    """Load the best checkpoint's weights into `module`: (its path, its monitored score), or (None, None)
-    when no checkpoint was selected (the module keeps the last step's weights)."""
+@dataclass
+class BestCheckpoint:
+    path: str
+    score: float | None  # the monitored metric (cfg.optimized_metric)
+    step: int
+
+
+def load_best_checkpoint(trainer: Trainer, module: GISTModule) -> BestCheckpoint | None:
+    """Load the best checkpoint's weights into `module` and describe it; None when no checkpoint was
+    selected (the module keeps the last step's weights)."""
     callback = trainer.checkpoint_callback
     best = getattr(callback, "best_model_path", "") if callback else ""
     if not best:
-        return None, None
+        return None
     ckpt = torch.load(best, map_location="cpu", weights_only=True)
     module.load_state_dict(ckpt["state_dict"])
     score = callback.best_model_score
@@ -134,10 +141,12 @@ def load_best_checkpoint(trainer: Trainer, module: GISTModule) -> tuple[str | No
         states = [v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("ModelCheckpoint")]
         score = next((st["best_model_score"] for st in states if st.get("best_model_score") is not None), None)
     log.info("best checkpoint: %s (score %s)", best, score)
-    return best, None if score is None else float(score)
+    return BestCheckpoint(best, None if score is None else float(score), int(ckpt["global_step"]))
 
 
-def export_and_compare(cfg: DictConfig, built: Built, output_dir: Path, best: str | None, score: float | None) -> Path:
+def export_and_compare(
+    cfg: DictConfig, built: Built, output_dir: Path, best: BestCheckpoint | None, score: float | None
+) -> Path:
     """<run_dir>/model (the best checkpoint's student, else the last step's), logged as an artifact, then
     the base-vs-fine-tuned table when compare_tasks_dir is set."""
     student = built.module.student.cpu()
@@ -147,17 +156,13 @@ def export_and_compare(cfg: DictConfig, built: Built, output_dir: Path, best: st
         built.loggers,
         path,
         aliases=["best" if best else "last"],
-        metadata={"checkpoint": best, cfg.optimized_metric: score},
+        metadata={"checkpoint": best.path if best else None, cfg.optimized_metric: score},
     )
     if cfg.get("compare_tasks_dir"):
-        step = checkpoint_step(best) if best else built.trainer.global_step
+        step = best.step if best else built.trainer.global_step
         compare_on_tasks(cfg, student.eval(), output_dir, step)
     print(f"model: {path}\n")
     return path
-
-
-def checkpoint_step(path: str) -> int:
-    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
 
 
 def report_bad_rows(datamodule, output_dir: Path, loggers=()) -> None:

@@ -136,9 +136,6 @@ def tiny_cfg(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, overrides=
     """A job config for `gist.train.train(cfg)` on the tiny fixtures: 4 steps of batch 8, validation on
     TinySTS every 2 steps, CSV logger, output in tmp_path/run, caches in tmp_path/cache. With
     `guide=none` in `overrides` the tiny guide is not set (pass a guide-free loss with it)."""
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
     cfg = load(
         [
             *tiny_models_and_data(tiny_student, tiny_guide, gist_file, mteb_dir, guide="guide=none" not in overrides),
@@ -152,6 +149,15 @@ def tiny_cfg(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, overrides=
             *overrides,
         ]
     )
+    return as_job(cfg, tmp_path)
+
+
+def as_job(cfg, tmp_path: Path):
+    """A composed config as `@hydra.main` hands it to train(): Hydra's config registered, no `hydra` node,
+    output in tmp_path/run and caches in tmp_path/cache."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
     HydraConfig().set_config(cfg)
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "run")

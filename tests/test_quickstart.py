@@ -6,11 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
 from gist.infra.offline_models import installed
-from tests.helpers import assert_run_files, load
+from tests.helpers import as_job, assert_run_files, load
 
 pytestmark = pytest.mark.skipif(not all(installed().values()), reason="offline models not laid out (make setup)")
 
@@ -30,12 +28,7 @@ def test_quickstart_end_to_end_with_real_models(tmp_path, capsys):
             "trainer.log_every_n_steps=1",
         ]
     )
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path / "run")
-        cfg.paths.cache_dir = str(tmp_path / "cache")
-        del cfg["hydra"]
-    metric = train(cfg)
+    metric = train(as_job(cfg, tmp_path))
     assert_run_files(tmp_path / "run", evaluation=True)
     assert 0.8 < metric < 0.95  # MiniLM's STSB validation Spearman is ~0.87 before and after a few steps
     out = capsys.readouterr().out
