@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from gist.core.encoder import ModelUnavailableError
-from gist.core.export import export_sentence_transformer
+from gist.core.export import TrainingCard, export_sentence_transformer, write_model_card
 from gist.core.guide_cache import GuideCache
 from gist.core.module import GISTModule, GuideMismatchError, NonFiniteError, check_guide
 from gist.data.records import DataError
@@ -148,9 +148,12 @@ def export_and_compare(
     cfg: DictConfig, built: Built, output_dir: Path, best: BestCheckpoint | None, score: float | None
 ) -> Path:
     """<run_dir>/model (the best checkpoint's student, else the last step's), logged as an artifact, then
-    the base-vs-fine-tuned table when compare_tasks_dir is set."""
+    the base-vs-fine-tuned table when compare_tasks_dir is set, which the model card then shows."""
     student = built.module.student.cpu()
-    path = export_sentence_transformer(student, output_dir / "model")
+    card = training_card(cfg, built, best)
+    path = export_sentence_transformer(
+        student, output_dir / "model", card, save_adapter=bool(cfg.get("export_adapter"))
+    )
     log.info("exported sentence-transformers model: %s", path)
     log_exported_model(
         built.loggers,
@@ -160,9 +163,39 @@ def export_and_compare(
     )
     if cfg.get("compare_tasks_dir"):
         step = best.step if best else built.trainer.global_step
-        compare_on_tasks(cfg, student.eval(), output_dir, step)
+        rows = compare_on_tasks(cfg, student.eval(), output_dir, step)
+        card.results = markdown_table(rows)
+        write_model_card(path, student, card)
     print(f"model: {path}\n")
     return path
+
+
+def training_card(cfg: DictConfig, built: Built, best: BestCheckpoint | None) -> TrainingCard:
+    """What the exported model card says about this run, from its config and trainer."""
+    loss = OmegaConf.to_container(cfg.loss, resolve=True)
+    guide = cfg.get("guide")
+    data = cfg.data
+    sources = [str(f) for f in data.get("train_files") or []]
+    sources += [f"{h['name']}@{h.get('revision') or 'main'}" for h in data.get("hub_datasets") or []]
+    sources += [str(s.get("path") or s.get("name") or s) for s in data.get("sources") or []]
+    sources += [type(s).__name__ for s in getattr(built.datamodule, "derived", [])]
+    trainer = built.trainer
+    return TrainingCard(
+        guide=f"{guide.name}" + (f"@{guide.revision}" if guide.get("revision") else "") if guide else None,
+        loss=str(loss.pop("_target_", "")).rsplit(".", 1)[-1],
+        loss_params=loss,
+        data=sources,
+        hyperparameters={
+            "steps": trainer.global_step,
+            "exported step": best.step if best else trainer.global_step,
+            "batch size (per device)": data.get("batch_size"),
+            "devices": trainer.world_size,
+            "learning rate": cfg.optim.get("lr"),
+            "warmup steps": cfg.optim.get("warmup_steps"),
+            "precision": str(trainer.precision),
+            "seed": cfg.seed,
+        },
+    )
 
 
 def report_bad_rows(datamodule, output_dir: Path, loggers=()) -> None:
@@ -186,13 +219,20 @@ def compare_on_tasks(cfg: DictConfig, student, output_dir: Path, step: int) -> l
     saved as <run_dir>/eval/comparison.{json,md}; the base model's results are reused across runs."""
     base = pretrained_model(instantiate(cfg.model))
     fine_tuned = encoder_model(student, name=Run(output_dir).id, step=step, source=str(output_dir / "model"))
-    rows = compare_models(
-        base,
-        fine_tuned,
-        load_tasks(cfg.compare_tasks_dir),
-        output_dir / "eval",
-        base_cache_dir=Path(cfg.paths.cache_dir) / "eval",
-    )
+    tasks = load_tasks(cfg.compare_tasks_dir)
+    cache = Path(cfg.paths.cache_dir) / "eval"
+    rows = compare_models(base, fine_tuned, tasks, output_dir / "eval", base_cache_dir=cache)
+    for dim in cfg.get("compare_dims") or []:  # Matryoshka: the same comparison at truncated widths
+        if dim == student.dim:
+            continue
+        at = compare_models(
+            base.truncated(dim),
+            fine_tuned.truncated(dim),
+            tasks,
+            output_dir / "eval" / f"dim{dim}",
+            base_cache_dir=cache,
+        )
+        rows += [{**r, "task": f"{r['task']} @{dim}d"} for r in at]
     print(f"\n{comparison_title(base.identity(), fine_tuned.identity())}, tasks in {cfg.compare_tasks_dir}:")
     print(markdown_table(rows), end="")
     print(f"table: {output_dir / 'eval' / 'comparison.md'}")

@@ -107,6 +107,7 @@ def _status_kib(field: str) -> int:
 
 def measure(data: Path, batch_size: int, shuffle_buffer: int, collate_every: int) -> dict:
     """One epoch of the stream over every shard in `data` (run in a fresh process)."""
+    from gist.core.inputs import TextInputs
     from gist.data.batching import SameTaskBatches
     from gist.data.collate import Collator
 
@@ -114,7 +115,7 @@ def measure(data: Path, batch_size: int, shuffle_buffer: int, collate_every: int
     if collate_every:
         from transformers import BertTokenizerFast
 
-        collator = Collator(BertTokenizerFast(vocab=str(data / "vocab.txt"), do_lower_case=True), 128)
+        collator = Collator(TextInputs(BertTokenizerFast(vocab=str(data / "vocab.txt"), do_lower_case=True), 128))
     shards = sorted(data.glob("*.parquet"))
     stream = SameTaskBatches(shards, batch_size, seed=0, shuffle_buffer=shuffle_buffer)
     base = _status_kib("VmRSS")

@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import make_tiny_bert, sentence, set_test_environment, tiny_cfg, write_jsonl
+from tests.helpers import (
+    make_tiny_bert,
+    make_tiny_decoder,
+    make_tiny_mpnet,
+    sentence,
+    set_test_environment,
+    tiny_cfg,
+    write_jsonl,
+)
 
 set_test_environment()
 
@@ -21,6 +29,25 @@ def tiny_student(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_guide(tmp_path_factory) -> Path:
     return make_tiny_bert(tmp_path_factory.mktemp("models") / "guide", hidden=48, pooling="cls", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory) -> Path:
+    """A random Qwen3 (rotary, left padding, EOS appended, pad id != 0) with last-token pooling and
+    Qwen3-Embedding-style prompts."""
+    prompts = {"query": "Instruct: find the text\nQuery: ", "document": ""}
+    return make_tiny_decoder(tmp_path_factory.mktemp("models") / "qwen3", "qwen3", "lasttoken", prompts=prompts)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A random Llama (rotary, left padding, BOS prepended, EOS as pad) with weighted-mean pooling."""
+    return make_tiny_decoder(tmp_path_factory.mktemp("models") / "llama", "llama", "weightedmean")
+
+
+@pytest.fixture(scope="session")
+def tiny_mpnet(tmp_path_factory) -> Path:
+    return make_tiny_mpnet(tmp_path_factory.mktemp("models") / "mpnet", pooling="mean")
 
 
 @pytest.fixture(scope="session")

@@ -105,6 +105,116 @@ def make_tiny_bert(path: Path, hidden: int = 32, layers: int = 2, pooling: str =
     return path
 
 
+def save_sentence_transformer(hf_dir: Path, path: Path, pooling="mean", include_prompt: bool = True, **kwargs) -> Path:
+    """A sentence-transformers folder (Transformer -> Pooling -> Normalize) around a transformers folder;
+    kwargs go to SentenceTransformer (prompts, default_prompt_name)."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules import Normalize, Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    transformer = Transformer(str(hf_dir), max_seq_length=32)
+    dim = transformer.model.config.hidden_size
+    modules = [transformer, Pooling(dim, pooling_mode=pooling, include_prompt=include_prompt), Normalize()]
+    SentenceTransformer(modules=modules, device="cpu", **kwargs).save(str(path))
+    return path
+
+
+def _word_level_tokenizer(special: list[str], post: str | None, **kwargs):
+    """A word-level fast tokenizer over WORDS (whitespace split, lower-cased), `special` tokens first."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(dict.fromkeys([*special, *sorted(set(WORDS)), *"abcdefghijklmnopqrstuvwxyz"]))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if post:  # e.g. "$A <|endoftext|>": the EOS every text ends with (Qwen3-Embedding's convention)
+        specials = [(t, vocab[t]) for t in special if t in post]
+        tok.post_processor = processors.TemplateProcessing(single=post, special_tokens=specials)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
+
+
+def make_tiny_decoder(
+    path: Path, arch: str = "qwen3", pooling="lasttoken", padding_side: str = "left", seed: int = 0, **st_kwargs
+) -> Path:
+    """A randomly initialised decoder (Qwen3 or Llama, rotary positions) saved as a sentence-transformers
+    folder. Qwen3: EOS appended to every text (Qwen3-Embedding's tokenizer); Llama: BOS prepended, no EOS.
+    The pad id is not 0."""
+    import torch
+    from transformers import LlamaConfig, LlamaModel, Qwen3Config, Qwen3Model
+
+    if arch == "qwen3":
+        special = ["<unk>", "<|endoftext|>", "<|pad|>"]
+        tokenizer = _word_level_tokenizer(
+            special,
+            "$A <|endoftext|>",
+            unk_token="<unk>",
+            eos_token="<|endoftext|>",
+            pad_token="<|pad|>",
+            padding_side=padding_side,
+        )
+        config_cls, model_cls = Qwen3Config, Qwen3Model
+    elif arch == "llama":
+        special = ["<unk>", "<s>", "</s>"]
+        # Llama has no pad token: EOS pads
+        tokenizer = _word_level_tokenizer(
+            special,
+            "<s> $A",
+            unk_token="<unk>",
+            bos_token="<s>",
+            eos_token="</s>",
+            pad_token="</s>",
+            padding_side=padding_side,
+        )
+        config_cls, model_cls = LlamaConfig, LlamaModel
+    else:
+        raise ValueError(arch)
+    assert tokenizer.pad_token_id != 0 and tokenizer.padding_side == padding_side
+    hf_dir = path.with_name(path.name + "-hf")
+    tokenizer.save_pretrained(hf_dir)
+    torch.manual_seed(seed)
+    config = config_cls(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model_cls(config).save_pretrained(hf_dir)
+    return save_sentence_transformer(hf_dir, path, pooling, **st_kwargs)
+
+
+def make_tiny_mpnet(path: Path, pooling="mean", seed: int = 0) -> Path:
+    """A randomly initialised MPNet (pad id 1, positions counted from the padding index) as a
+    sentence-transformers folder."""
+    import torch
+    from transformers import MPNetConfig, MPNetModel, MPNetTokenizerFast
+
+    hf_dir = path.with_name(path.name + "-hf")
+    hf_dir.mkdir(parents=True, exist_ok=True)
+    vocab = ["<s>", "<pad>", "</s>", "[UNK]", *sorted(set(WORDS)), *"abcdefghijklmnopqrstuvwxyz", "<mask>"]
+    (hf_dir / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
+    tokenizer = MPNetTokenizerFast(vocab=str(hf_dir / "vocab.txt"), do_lower_case=True)
+    assert tokenizer.pad_token_id == 1 and tokenizer.tokenize("the cat") == ["the", "cat"]
+    tokenizer.save_pretrained(hf_dir)
+    torch.manual_seed(seed)
+    config = MPNetConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=130,
+        pad_token_id=1,
+    )
+    MPNetModel(config).save_pretrained(hf_dir)
+    return save_sentence_transformer(hf_dir, path, pooling)
+
+
 # --- configs --------------------------------------------------------------------------------------------
 
 

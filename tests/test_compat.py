@@ -64,3 +64,27 @@ def test_run_view_upgrades_an_old_run_folder(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "config.yaml").write_text(OLD + "task_name: old\n")
     assert Run(tmp_path).config.loss._target_ == "gist.core.loss_modules.GISTLoss"
+
+
+@pytest.mark.parametrize("prepend", [True, False])
+def test_data_level_instructions_become_each_encoders_setting(prepend):
+    from gist.core.inputs import TextInputs
+
+    old = OmegaConf.create(
+        {
+            "model": {"_target_": "gist.core.encoder.Encoder", "name": "m"},
+            "guide": {"_target_": "gist.core.encoder.Encoder", "name": "g"},
+            "data": {"batch_size": 8, "prepend_instructions": prepend},
+        }
+    )
+    cfg, changes = upgrade_config(old)
+    assert "prepend_instructions" not in cfg.data and len(changes) == 1
+    for key in ("model", "guide"):
+        templates = cfg[key].get("instructions")
+        if not prepend:
+            assert templates is None
+            continue
+        # The old switch wrote "<instruction> <text>": the upgraded templates give the same strings.
+        inputs = TextInputs(None, 8, instructions=dict(templates))
+        assert inputs.texts(["a text"], "query", ["Represent the query:"]) == ["Represent the query: a text"]
+        assert inputs.texts(["a doc"], "document", ["Represent the doc:"]) == ["Represent the doc: a doc"]

@@ -50,7 +50,7 @@ def test_gist_small_carries_the_released_recipe():
     (hub,) = cfg.data.hub_datasets
     assert hub.path == "avsolatorio/medi-data-mteb_avs_triplets"
     assert hub.revision == "238a0499b6e6b690cc64ea56fde8461daa8341bb"
-    assert cfg.data.batch_size == 16 and cfg.data.prepend_instructions is False
+    assert cfg.data.batch_size == 16 and cfg.model.instructions is None  # GIST dropped the instructions
     assert cfg.optim.lr == 5e-6 and cfg.optim.weight_decay == 0.0
     assert cfg.optim.warmup_steps == 454_700 and cfg.optim.schedule_steps == 4_547_000
     assert cfg.trainer.max_steps == 302_500 and cfg.trainer.precision == "bf16-mixed"

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from gist.core.inputs import TextInputs
 from gist.data.batching import SameTaskBatches
 from gist.data.collate import Collator
 from gist.data.records import DataError, iter_rows, parse_row, text_id, validate_sources
@@ -54,12 +55,16 @@ def test_within_task_row_order_is_kept(gist_file, gist_rows):
         assert [r["query"] for r in b] == task_rows[start : start + len(b)]
 
 
-def test_instructions_dropped_by_default_and_prepended_on_request(gist_rows):
-    where = "x: row 1"
-    assert parse_row(gist_rows[0], where)["query"] == gist_rows[0]["query"]
-    row = parse_row(gist_rows[0], where, prepend_instructions=True)
-    assert row["query"] == "Represent the query: " + gist_rows[0]["query"]
-    assert row["pos"] == "Represent the doc: " + gist_rows[0]["pos"]
+def test_rows_keep_their_instructions_apart_from_the_texts(gist_rows):
+    row = parse_row(gist_rows[0], "x: row 1")
+    assert row["query"] == gist_rows[0]["query"] and row["pos"] == gist_rows[0]["pos"]  # texts untouched
+    assert row["instruct"] == {
+        "query": "Represent the query:",
+        "pos": "Represent the doc:",
+        "neg": "Represent the doc:",
+    }
+    with pytest.raises(DataError, match="'query_instruct' must be a string"):
+        parse_row(dict(gist_rows[0], query_instruct=3), "x: row 1")
 
 
 @pytest.mark.parametrize(
@@ -113,12 +118,14 @@ def test_collator_tokenizes_guide_separately_with_its_own_tokenizer(tiny_student
 
     st, gt = AutoTokenizer.from_pretrained(tiny_student), AutoTokenizer.from_pretrained(tiny_guide)
     rows = [parse_row(r, "x") for r in gist_rows[:6] if r["task_name"] == "task-a"]
-    batch = Collator(st, 8, gt, 16)(rows)
+    batch = Collator(TextInputs(st, 8), TextInputs(gt, 16))(rows)
     assert set(batch.student) == {"anchor", "positive", "negative"} == set(batch.guide)
     assert batch.student["anchor"]["input_ids"].shape[1] <= 8  # student max length
     assert batch.guide["anchor"]["input_ids"].shape[1] > 8  # guide keeps its own, longer max length
     # Dynamic padding: the longest text of the batch, not max_length.
-    short = Collator(st, 512, gt, 512)([dict(r, query="cat", pos="dog", neg="man") for r in rows])
+    short = Collator(TextInputs(st, 512), TextInputs(gt, 512))(
+        [dict(r, query="cat", pos="dog", neg="man") for r in rows]
+    )
     assert short.student["anchor"]["input_ids"].shape[1] == 3  # [CLS] cat [SEP]
     assert torch.equal(batch.text_ids["anchor"], torch.tensor([text_id(r["query"]) for r in rows]))
 
@@ -127,7 +134,7 @@ def test_pair_task_batches_have_no_negative(tiny_student, gist_rows):
     from transformers import AutoTokenizer
 
     rows = [parse_row(r, "x") for r in gist_rows if r["task_name"] == "pairs"][:4]
-    batch = Collator(AutoTokenizer.from_pretrained(tiny_student), 16)(rows)
+    batch = Collator(TextInputs(AutoTokenizer.from_pretrained(tiny_student), 16))(rows)
     assert set(batch.student) == {"anchor", "positive"} and batch.guide is None
 
 

@@ -231,7 +231,7 @@ def _collate(module, rows):
     from gist.data.collate import Collator
 
     guide = module.guide
-    return Collator(module.student.tokenizer, 32, guide.tokenizer if guide else None, 48 if guide else None)(rows)
+    return Collator(module.student.inputs, guide.inputs if guide else None)(rows)
 
 
 def _identity(x):

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from gist.core.encoder import is_right_padded
+from gist.core.encoder import padding_side, trim
 
 
 class RngState:
@@ -41,14 +41,9 @@ class RngState:
 
 
 def _chunks(features: dict[str, Tensor], size: int) -> list[dict[str, Tensor]]:
-    """Mini-batches of a tokenized block; with right padding each is trimmed to its longest text."""
-    mask = features["attention_mask"]
-    n, trim = mask.size(0), is_right_padded(mask)
-    chunks = []
-    for i in range(0, n, size):
-        width = int(mask[i : i + size].sum(1).max()) if trim else mask.size(1)
-        chunks.append({k: v[i : i + size, :width] if v.dim() == 2 else v[i : i + size] for k, v in features.items()})
-    return chunks
+    """Mini-batches of a tokenized block, each trimmed to its longest text (on the padding side)."""
+    n, side = features["attention_mask"].size(0), padding_side(features["attention_mask"])
+    return [trim({k: v[i : i + size] for k, v in features.items()}, side) for i in range(0, n, size)]
 
 
 def embed_without_graph(

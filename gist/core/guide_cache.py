@@ -43,6 +43,14 @@ class GuideCache:
         if dtype not in STORAGE_DTYPES:
             raise ValueError(f"guide cache dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
         identity = {k: guide.get(k) for k in ("name", "revision", "pooling", "max_length")}
+        # Settings added later enter the identity only when set, so guides without prompts keep their folders.
+        for key in ("prompts", "default_prompt_name", "instructions"):
+            value = guide.get(key)
+            value = {k: v for k, v in value.items() if v} if isinstance(value, dict) else value
+            if value:
+                identity[key] = value
+        if guide.get("include_prompt") is False:
+            identity["include_prompt"] = False
         identity.update(dtype=dtype, dim=dim, version=1)
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", str(identity["name"]).strip("/"))[-60:]
@@ -55,11 +63,10 @@ class GuideCache:
 
     @classmethod
     def for_encoder(cls, root: str | Path, encoder, **kwargs) -> GuideCache:
-        """The cache of an `Encoder` (or FrozenGuide), keyed by its resolved settings."""
+        """The cache of an `Encoder` (or FrozenGuide), keyed by its resolved settings (model, revision,
+        pooling, max length, and its prompts when it has any)."""
         encoder = getattr(encoder, "encoder", encoder)
-        guide = dict(
-            name=encoder.name, revision=encoder.revision, pooling=encoder.pooling, max_length=encoder.max_length
-        )
+        guide = {k: v for k, v in encoder.settings().items() if k != "lora"}
         return cls(root, guide, encoder.dim, **kwargs)
 
     def __getstate__(self) -> dict:
@@ -164,18 +171,25 @@ class GuideCache:
         self.refresh()
 
     @torch.inference_mode()
-    def fill(self, encoder, texts: Sequence[str], batch_size: int = 64) -> int:
-        """Embed (with `encoder`) the texts not yet cached; returns how many were computed."""
+    def fill(self, encoder, items: Sequence[tuple[str, str]] | Sequence[str], batch_size: int = 64) -> int:
+        """Embed (with `encoder`) the (prompt, text) items not yet cached (a plain string: no prompt);
+        returns how many were computed. Keys are `encoder.inputs.key(prompt, text)`, as the collator's."""
         from gist.data.records import text_id
 
-        unique = list(dict.fromkeys(texts))
-        ids = np.asarray([text_id(t) for t in unique], dtype=np.uint64)
-        todo = self.missing(ids)
         encoder = getattr(encoder, "encoder", encoder)
+        inputs = encoder.inputs
+        unique = list(dict.fromkeys(("", i) if isinstance(i, str) else tuple(i) for i in items))
+        ids = np.asarray([text_id(inputs.key(p, t)) for p, t in unique], dtype=np.uint64)
+        todo = self.missing(ids)
         chunk = max(batch_size, self.flush_every)
         for start in range(0, len(todo), chunk):
             part = todo[start : start + chunk]
-            self.add(ids[part], encoder.encode([unique[i] for i in part], batch_size=batch_size))
+            by_prompt: dict[str, list[int]] = {}
+            for i in part:
+                by_prompt.setdefault(unique[i][0], []).append(int(i))
+            for prompt, idx in by_prompt.items():
+                texts = [unique[i][1] for i in idx]
+                self.add(ids[idx], encoder.encode(texts, batch_size=batch_size, prompt=prompt))
             self.flush()
         return len(todo)
 
@@ -184,19 +198,21 @@ def fill_from_datamodule(
     datamodule, guide, root: str | Path, dtype: str = "float16", chunk: int = 16384, log=None
 ) -> tuple[GuideCache, int]:
     """Fill the guide cache (under `root`, for `guide` and `dtype`) with every text of the datamodule's
-    training sources (local files, hub streams, derived files): the cache training looks up with the same
-    guide settings. Returns (the cache, how many texts this call embedded). Sources are checked first (a
-    bad row fails before any embedding); texts are embedded `chunk` at a time as the rows stream by and
-    each chunk is written, so an interrupted fill resumes where it stopped; texts already cached are
-    skipped. scripts/cache_guide.py runs this from a training config."""
+    training sources (local files, hub streams, derived files), with the guide's own prompts: the cache
+    training looks up with the same guide settings. Returns (the cache, how many texts this call
+    embedded). Sources are checked first (a bad row fails before any embedding); texts are embedded
+    `chunk` at a time as the rows stream by and each chunk is written, so an interrupted fill resumes
+    where it stopped; texts already cached are skipped. scripts/cache_guide.py runs this from a training
+    config."""
     from gist.data.records import iter_rows
 
     datamodule.check_sources()
     cache = GuideCache.for_encoder(root, guide, dtype=dtype)
-    pending: list[str] = []
+    inputs = getattr(guide, "encoder", guide).inputs
+    pending: list[tuple[str, str]] = []
     computed = 0
-    for row in iter_rows([s.source for s in datamodule.sources()], datamodule.prepend_instructions):
-        pending.extend(row[f] for f in ("query", "pos", "neg") if row[f])
+    for row in iter_rows([s.source for s in datamodule.sources()]):
+        pending.extend(inputs.row_items(row))
         if len(pending) >= chunk:
             computed += cache.fill(guide, pending)
             pending = []

@@ -6,6 +6,9 @@ batch's loss is computed but not its value, and executes them in `batch_loss`:
 - `gather_across_devices` (gist/infra/distributed.py): under DDP, candidates (positives, negatives, the
   aa block's anchors), their guide embeddings and text ids from every rank; anchors stay local.
 
+and, for any loss, `matryoshka_dims` / `matryoshka_weights` (Matryoshka embeddings: the weighted sum of
+the loss at each truncated width; GIST's guide vetoes are computed once per step and shared).
+
 The loss values themselves are the pure functions of gist/core/losses.py. Adding a loss: one function
 there, one subclass here (its `_loss`), one yaml in conf/loss/.
 """
@@ -14,10 +17,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 
 from gist.core.gradcache import cached_loss
-from gist.core.losses import MarginStrategy, gist_loss, mnrl_loss, no_guide_loss
+from gist.core.losses import MarginStrategy, gist_loss, guide_mask, matryoshka_loss, mnrl_loss, no_guide_loss
 from gist.infra import distributed
 
 Embeddings = dict[str, Tensor]
@@ -31,9 +35,27 @@ class LossModule(nn.Module):
     requires_guide = False
 
     def __init__(
-        self, temperature: float, mask_duplicate_texts: bool, mini_batch_size: int | None, gather_across_devices: bool
+        self,
+        temperature: float,
+        mask_duplicate_texts: bool,
+        mini_batch_size: int | None,
+        gather_across_devices: bool,
+        matryoshka_dims: list[int] | None = None,
+        matryoshka_weights: list[float] | None = None,
     ) -> None:
         super().__init__()
+        if matryoshka_dims is not None:
+            dims = [int(d) for d in matryoshka_dims]
+            if not dims or any(d < 1 for d in dims) or len(set(dims)) != len(dims):
+                raise ValueError(f"loss.matryoshka_dims must be distinct positive widths, got {list(matryoshka_dims)}")
+            if matryoshka_weights is not None and len(matryoshka_weights) != len(dims):
+                raise ValueError(
+                    f"loss.matryoshka_weights needs one weight per dim ({len(dims)}), got {list(matryoshka_weights)}"
+                )
+        elif matryoshka_weights is not None:
+            raise ValueError("loss.matryoshka_weights without loss.matryoshka_dims")
+        self.matryoshka_dims = [int(d) for d in matryoshka_dims] if matryoshka_dims else None
+        self.matryoshka_weights = [float(w) for w in matryoshka_weights] if matryoshka_weights else None
         if not temperature > 0:
             raise ValueError(f"loss.temperature must be > 0 (GIST uses 0.01), got {temperature}")
         if mini_batch_size is not None and mini_batch_size < 1:
@@ -43,8 +65,14 @@ class LossModule(nn.Module):
         self.gather_across_devices = gather_across_devices
         self.mask_duplicate_texts = mask_duplicate_texts
 
-    def _loss(self, student: Embeddings, guide: Embeddings | None, text_ids: tuple | None, target_offset: int):
+    def _loss(
+        self, student: Embeddings, guide: Embeddings | None, text_ids: tuple | None, target_offset: int, shared=None
+    ):
         raise NotImplementedError
+
+    def _shared(self, guide: Embeddings | None, target_offset: int):
+        """What every Matryoshka dimension shares (the guide's veto for GIST); None here."""
+        return None
 
     def forward(
         self,
@@ -53,8 +81,19 @@ class LossModule(nn.Module):
         text_ids: tuple | None = None,
         target_offset: int = 0,
     ) -> tuple[Tensor, dict]:
-        """The loss of embeddings already computed (and already gathered, when target_offset > 0)."""
-        return self._loss(student, guide, text_ids if self.mask_duplicate_texts else None, target_offset)
+        """The loss of embeddings already computed (and already gathered, when target_offset > 0); with
+        matryoshka_dims, the weighted sum over truncated widths (gist.core.losses.matryoshka_loss), the
+        guide's vetoes computed once."""
+        text_ids = text_ids if self.mask_duplicate_texts else None
+        if not self.matryoshka_dims:
+            return self._loss(student, guide, text_ids, target_offset)
+        shared = self._shared(guide, target_offset)
+        return matryoshka_loss(
+            lambda truncated: self._loss(truncated, guide, text_ids, target_offset, shared),
+            student,
+            self.matryoshka_dims,
+            self.matryoshka_weights,
+        )
 
     def _on_all_ranks(self, student: Embeddings, guide: Embeddings | None, text_ids: tuple) -> tuple[Tensor, dict]:
         if self.gather_across_devices:
@@ -114,8 +153,17 @@ class GISTLoss(LossModule):
         mask_duplicate_texts: bool = False,
         mini_batch_size: int | None = None,
         gather_across_devices: bool = False,
+        matryoshka_dims: list[int] | None = None,
+        matryoshka_weights: list[float] | None = None,
     ) -> None:
-        super().__init__(temperature, mask_duplicate_texts, mini_batch_size, gather_across_devices)
+        super().__init__(
+            temperature,
+            mask_duplicate_texts,
+            mini_batch_size,
+            gather_across_devices,
+            matryoshka_dims,
+            matryoshka_weights,
+        )
         if margin_strategy not in ("absolute", "relative"):
             raise ValueError(f"loss.margin_strategy must be 'absolute' or 'relative', got {margin_strategy!r}")
         self.kwargs = dict(
@@ -127,7 +175,7 @@ class GISTLoss(LossModule):
             mask_self_pairs=mask_self_pairs,
         )
 
-    def _loss(self, student, guide, text_ids, target_offset):
+    def _loss(self, student, guide, text_ids, target_offset, shared=None):
         return gist_loss(
             student["anchor"],
             student["positive"],
@@ -139,8 +187,24 @@ class GISTLoss(LossModule):
             target_offset=target_offset,
             anchor_candidates=student.get("anchor_candidates"),
             guide_anchor_candidates=guide.get("anchor_candidates"),
+            veto=shared,
             **self.kwargs,
         )
+
+    def _shared(self, guide, target_offset):
+        k = self.kwargs
+        with torch.no_grad():
+            return guide_mask(
+                guide["anchor"],
+                guide["positive"],
+                guide.get("negative"),
+                guide_anchor_candidates=guide.get("anchor_candidates"),
+                margin_strategy=k["margin_strategy"],
+                margin=k["margin"],
+                contrast_anchors=k["contrast_anchors"],
+                contrast_positives=k["contrast_positives"],
+                target_offset=target_offset,
+            )
 
 
 class NoGuideLoss(LossModule):
@@ -154,13 +218,22 @@ class NoGuideLoss(LossModule):
         mask_duplicate_texts: bool = False,
         mini_batch_size: int | None = None,
         gather_across_devices: bool = False,
+        matryoshka_dims: list[int] | None = None,
+        matryoshka_weights: list[float] | None = None,
     ) -> None:
-        super().__init__(temperature, mask_duplicate_texts, mini_batch_size, gather_across_devices)
+        super().__init__(
+            temperature,
+            mask_duplicate_texts,
+            mini_batch_size,
+            gather_across_devices,
+            matryoshka_dims,
+            matryoshka_weights,
+        )
         self.kwargs = dict(
             temperature=temperature, contrast_anchors=contrast_anchors, contrast_positives=contrast_positives
         )
 
-    def _loss(self, student, guide, text_ids, target_offset):
+    def _loss(self, student, guide, text_ids, target_offset, shared=None):
         return no_guide_loss(
             student["anchor"],
             student["positive"],
@@ -182,10 +255,19 @@ class MNRLLoss(LossModule):
         mask_duplicate_texts: bool = False,
         mini_batch_size: int | None = None,
         gather_across_devices: bool = False,
+        matryoshka_dims: list[int] | None = None,
+        matryoshka_weights: list[float] | None = None,
     ) -> None:
-        super().__init__(temperature, mask_duplicate_texts, mini_batch_size, gather_across_devices)
+        super().__init__(
+            temperature,
+            mask_duplicate_texts,
+            mini_batch_size,
+            gather_across_devices,
+            matryoshka_dims,
+            matryoshka_weights,
+        )
 
-    def _loss(self, student, guide, text_ids, target_offset):
+    def _loss(self, student, guide, text_ids, target_offset, shared=None):
         return mnrl_loss(
             student["anchor"],
             student["positive"],

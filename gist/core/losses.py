@@ -191,6 +191,7 @@ def gist_loss(
     target_offset: int = 0,
     anchor_candidates: Tensor | None = None,
     guide_anchor_candidates: Tensor | None = None,
+    veto: GuideVeto | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """GISTEmbed loss: InfoNCE over in-batch candidates, minus those the guide ranks above the positive.
 
@@ -213,6 +214,8 @@ def gist_loss(
         anchor_candidates / guide_anchor_candidates: every rank's anchors (P, d) for the aa block under
             cross-device gather (own anchor at target_offset + i); None = the local anchors. Text ids
             are then every rank's too.
+        veto: `guide_mask(...)` of these guide embeddings with the same layout, margin and strategy,
+            computed once and shared (Matryoshka dimensions); None = computed here.
 
     Returns:
         loss (scalar, fp32) and stats: masked_frac (fraction of the B x C candidate logits masked),
@@ -236,16 +239,17 @@ def gist_loss(
 
     sim, spans = _blocks(anchor, positive, negative, anchor_candidates=anchor_candidates, **layout)  # (B, C)
     with torch.no_grad():
-        veto = guide_mask(
-            guide_anchor,
-            guide_positive,
-            guide_negative,
-            guide_anchor_candidates=guide_anchor_candidates,
-            margin_strategy=margin_strategy,
-            margin=margin,
-            **layout,
-        )
-        mask = veto.mask
+        if veto is None:
+            veto = guide_mask(
+                guide_anchor,
+                guide_positive,
+                guide_negative,
+                guide_anchor_candidates=guide_anchor_candidates,
+                margin_strategy=margin_strategy,
+                margin=margin,
+                **layout,
+            )
+        mask = veto.mask.clone()  # a shared veto stays as it was
         if mask_self_pairs:
             mask |= _self_pair_mask(spans, B, sim.size(1), target_offset, sim.device)
         if text_ids is not None:
@@ -310,3 +314,29 @@ def mnrl_loss(
     if text_ids is not None:
         mask |= _text_identity_mask(text_ids, spans, anchor.size(0), target_offset)
     return _infonce(sim, mask, temperature=temperature, target_offset=target_offset)
+
+
+def matryoshka_loss(
+    loss_fn, embeddings: dict[str, Tensor], dims: list[int], weights: list[float] | None = None
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Matryoshka representation learning (Kusupati et al. 2022) around any loss above: sum over `dims`
+    of weight x `loss_fn` on the student embeddings truncated to their first `dim` coordinates (every
+    loss here compares cosines, so the truncated vectors are re-normalised inside it). Weights default
+    to 1 (sentence-transformers' MatryoshkaLoss), so `dims=[full dim]` is the plain loss.
+
+    loss_fn: embeddings dict -> (loss, stats), e.g. a `functools.partial` of `gist_loss` with the guide's
+    veto computed once (`guide_mask`). Returns the weighted sum and the first dimension's stats plus
+    `loss_dim<d>` per dimension."""
+    weights = list(weights) if weights is not None else [1.0] * len(dims)
+    if len(weights) != len(dims):
+        raise ValueError(f"matryoshka weights ({len(weights)}) and dims ({len(dims)}) differ in length")
+    width = next(iter(embeddings.values())).size(-1)
+    if any(not 0 < d <= width for d in dims):
+        raise ValueError(f"matryoshka dims must lie in [1, {width}] (the embedding width), got {list(dims)}")
+    total, stats = None, {}
+    for dim, weight in zip(dims, weights):
+        loss, dim_stats = loss_fn({k: v[..., :dim] for k, v in embeddings.items()})
+        total = weight * loss if total is None else total + weight * loss
+        stats = stats or dim_stats
+        stats[f"loss_dim{dim}"] = loss.detach()
+    return total, stats

@@ -145,8 +145,9 @@ class GISTModule(LightningModule):
             return {k: v.to(self.device) for k, v in batch.guide_emb.items()}
         guide = self._encode(self.guide, batch.guide)
         if self.guide_cache is not None:
+            ids = batch.guide_text_ids or batch.text_ids
             for block, emb in guide.items():
-                self.guide_cache.add(batch.text_ids[block], emb)
+                self.guide_cache.add(ids[block], emb)
         return guide
 
     def on_train_end(self) -> None:
@@ -212,10 +213,19 @@ class GISTModule(LightningModule):
             raise NonFiniteError(
                 f"refusing to save a checkpoint at step {self.global_step}: non-finite weights in {bad[:3]}"
             )
+        if self.student.lora:  # only the adapters train: the frozen base weights stay out of checkpoints
+            trainable = {f"student.{n}" for n, p in self.student.named_parameters() if p.requires_grad}
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith("student.") and k not in trainable]:
+                del state[key]
         # What it takes to rebuild the student around the saved weights (gist.evaluation.runs / export from a ckpt).
-        checkpoint["gist_student"] = {
-            "name": self.student.name,
-            "revision": self.student.revision,
-            "pooling": self.student.pooling,
-            "max_length": self.student.max_length,
-        }
+        checkpoint["gist_student"] = self.student.settings()
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """With LoRA a checkpoint holds the adapters only (Encoder.check_loaded decides what may be missing)."""
+        if not self.student.lora:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        if strict:
+            self.student.check_loaded(result, prefix="student.")
+        return result

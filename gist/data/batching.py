@@ -88,7 +88,6 @@ class SameTaskBatches(IterableDataset):
         batch_size: int,
         seed: int = 42,
         shuffle_buffer: int = 1024,
-        prepend_instructions: bool = False,
         on_bad_row: str = "error",
         temperature: float | None = None,
         leftovers: str = "drop",
@@ -114,7 +113,6 @@ class SameTaskBatches(IterableDataset):
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
-        self.prepend_instructions = prepend_instructions
         self.on_bad_row = on_bad_row  # bad rows were counted by the datamodule's pre-training pass
         self.temperature = temperature
         self.probabilities = mixture_probabilities(self.specs, temperature)
@@ -134,9 +132,7 @@ class SameTaskBatches(IterableDataset):
 
     # -- the stream -------------------------------------------------------------------------------------
     def _source_rows(self, spec: SourceSpec) -> Iterator[dict]:
-        return itertools.islice(
-            iter_rows([spec.source], self.prepend_instructions, on_bad_row=self.on_bad_row), spec.max_rows
-        )
+        return itertools.islice(iter_rows([spec.source], on_bad_row=self.on_bad_row), spec.max_rows)
 
     def _rows(self, epoch: int) -> Iterator[dict]:
         if self.probabilities is None:
@@ -241,7 +237,6 @@ class SameTaskBatches(IterableDataset):
             "batch_size": self.batch_size,
             "world_size": world_size,
             "shuffle_buffer": self.shuffle_buffer,
-            "prepend_instructions": self.prepend_instructions,
             "on_bad_row": self.on_bad_row,
             "probabilities": self.probabilities,
             "leftovers": self.leftovers,

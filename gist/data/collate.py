@@ -4,7 +4,7 @@
 ids, and the guide's inputs or cached embeddings); `StsCollator` turns (sentence1, sentence2, score)
 rows into an `StsBatch`. Both are the DataLoaders' `collate_fn` (gist.data.datamodule.GISTDataModule):
 
-    collator = Collator(student.tokenizer, student.max_length, guide.tokenizer, guide.max_length)
+    collator = Collator(student.inputs, guide.inputs)  # gist.core.inputs.TextInputs of each encoder
     batch = collator(rows)  # TrainBatch
     loss = module.training_step(batch, 0)  # reads batch.student, batch.text_ids, batch.guide / guide_emb
 
@@ -18,9 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
+from gist.core.inputs import TextInputs
 from gist.data.batching import RowBatch
 from gist.data.records import BLOCKS, TEXT_FIELDS, text_id
 
+# Anchors are queries; positives and negatives are documents (gist.core.inputs roles).
+ROLE = {"anchor": "query", "positive": "document", "negative": "document"}
 # block ("anchor" / "positive" / "negative") -> tensor; B = rows of the batch.
 Blocks = dict[str, torch.Tensor]
 # block -> the tokenizer's output (input_ids, attention_mask[, token_type_ids]), each (B, L_block) int64,
@@ -38,13 +41,16 @@ class TrainBatch:
     size: B, the rows of this (per-rank) batch.
     position: (epoch, index) of the global batch in the training stream (`RowBatch`), for exact resume
         and per-step seeding; None for rows that did not come from the stream.
-    texts: block -> the B raw strings (after any prepended instruction).
-    text_ids: block -> (B,) int64 `text_id` of each string (duplicate-text masks, the guide cache).
-    student: block -> the student's tokenized inputs, each (B, L_block) int64.
+    texts: block -> the B strings the student reads (its prompt, if any, prepended).
+    text_ids: block -> (B,) int64 `text_id` of each of those strings (duplicate-text masks).
+    student: block -> the student's tokenized inputs, each (B, L_block) int64 (and `prompt_length`, (B,),
+        when the student's pooling leaves prompts out).
     guide: block -> the guide's inputs from its OWN tokenizer and max length, each (B, L'_block) int64;
         None without a guide, or when `guide_emb` holds the cached embeddings.
     guide_emb: block -> (B, D_guide) float32 guide embeddings from the `GuideCache` (float16 on disk by default);
         None when not every text of the batch is cached (or no guide / no cache).
+    guide_text_ids: block -> (B,) int64 keys of the guide's inputs in its cache (the guide's own prompts);
+        None without a guide.
     """
 
     task: str
@@ -55,6 +61,7 @@ class TrainBatch:
     student: Tokenized
     guide: Tokenized | None = None
     guide_emb: Blocks | None = None
+    guide_text_ids: Blocks | None = None
 
 
 @dataclass
@@ -68,27 +75,15 @@ class StsBatch:
 
 
 class Collator:
-    """Rows of one batch -> a `TrainBatch`: tokenized student inputs, text ids, and for the guide either
-    its cached embeddings (when a `GuideCache` holds every text of the batch) or inputs tokenized from
-    the raw strings with the guide's OWN tokenizer. Holds tokenizers and the cache's path only, so
-    DataLoader workers can pickle it.
+    """Rows of one batch -> a `TrainBatch`: the student's prompted and tokenized inputs, text ids, and for
+    the guide either its cached embeddings (when a `GuideCache` holds every text of the batch) or inputs
+    prompted and tokenized with the guide's OWN settings. Anchors take the "query" role, positives and
+    negatives "document" (gist.core.inputs). Holds `TextInputs` (tokenizers, prompts) and the cache's
+    path only, so DataLoader workers can pickle it.
     """
 
-    def __init__(
-        self,
-        student_tokenizer,
-        student_max_length: int,
-        guide_tokenizer=None,
-        guide_max_length: int | None = None,
-        guide_cache=None,
-    ):
-        self.student = (student_tokenizer, student_max_length)
-        self.guide = (guide_tokenizer, guide_max_length) if guide_tokenizer is not None else None
-        self.guide_cache = guide_cache
-
-    @staticmethod
-    def _tokenize(tok, max_length: int, texts: list[str]):
-        return dict(tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
+    def __init__(self, student: TextInputs, guide: TextInputs | None = None, guide_cache=None):
+        self.student, self.guide, self.guide_cache = student, guide, guide_cache
 
     def _cached_guide(self, text_ids: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         if self.guide_cache is None:
@@ -102,34 +97,48 @@ class Collator:
         return None
 
     def __call__(self, rows: list[dict]) -> TrainBatch:
-        texts = {BLOCKS[f]: [r[f] for r in rows] for f in TEXT_FIELDS if rows[0][f] is not None}
-        text_ids = {k: torch.tensor([text_id(t) for t in v]) for k, v in texts.items()}
+        fields = [f for f in TEXT_FIELDS if rows[0][f] is not None]
+        raw = {BLOCKS[f]: [r[f] for r in rows] for f in fields}
+        instructs = {BLOCKS[f]: [(r.get("instruct") or {}).get(f) for r in rows] for f in fields}
+
+        def prompted(inputs: TextInputs) -> dict[str, list[str]]:
+            return {b: inputs.prompts_of(raw[b], ROLE[b], instructs[b]) for b in raw}
+
+        prompts = prompted(self.student)
+        texts = {b: [p + t for p, t in zip(prompts[b], raw[b])] for b in raw}
         batch = TrainBatch(
             task=rows[0]["task_name"],
             size=len(rows),
             # (epoch, index) of the global batch in the stream (RowBatch), for exact resume.
             position=(rows.epoch, rows.index) if isinstance(rows, RowBatch) else None,
             texts=texts,
-            text_ids=text_ids,
-            student={k: self._tokenize(*self.student, v) for k, v in texts.items()},
+            text_ids={b: torch.tensor([text_id(t) for t in v]) for b, v in texts.items()},
+            student={b: self.student.tokenize(texts[b], prompts[b]) for b in raw},
         )
         if self.guide is not None:
-            batch.guide_emb = self._cached_guide(text_ids)
+            guide_prompts = prompts if self.guide.prompts_equal(self.student) else prompted(self.guide)
+            keys = {b: [self.guide.key(p, t) for p, t in zip(guide_prompts[b], raw[b])] for b in raw}
+            batch.guide_text_ids = {b: torch.tensor([text_id(k) for k in v]) for b, v in keys.items()}
+            batch.guide_emb = self._cached_guide(batch.guide_text_ids)
             if batch.guide_emb is None:
-                batch.guide = {k: self._tokenize(*self.guide, v) for k, v in texts.items()}
+                batch.guide = {
+                    b: self.guide.tokenize([p + t for p, t in zip(guide_prompts[b], raw[b])], guide_prompts[b])
+                    for b in raw
+                }
         return batch
 
 
 class StsCollator:
-    """(sentence1, sentence2, score) rows -> an `StsBatch`: student inputs for both sides and the gold scores."""
+    """(sentence1, sentence2, score) rows -> an `StsBatch`: student inputs for both sides (the "query"
+    role's prompt: STS is symmetric) and the gold scores."""
 
-    def __init__(self, tokenizer, max_length: int):
-        self.student = (tokenizer, max_length)
+    def __init__(self, inputs: TextInputs):
+        self.inputs = inputs
 
     def __call__(self, rows: list[tuple[str, str, float]]) -> StsBatch:
         s1, s2, score = zip(*rows)
         return StsBatch(
-            sentence1=Collator._tokenize(*self.student, list(s1)),
-            sentence2=Collator._tokenize(*self.student, list(s2)),
+            sentence1=self.inputs(list(s1), "query")[1],
+            sentence2=self.inputs(list(s2), "query")[1],
             score=torch.tensor(score, dtype=torch.float32),
         )

@@ -52,7 +52,6 @@ class GISTDataModule(LightningDataModule):
     batch_size: rows per (same-task) batch, per device.
     seed: seed of the batch shuffle.
     shuffle_buffer: batches held in the shuffle pool.
-    prepend_instructions: prepend *_instruct to texts (GIST drops them: default False).
     validate_files: read local files once before training so a bad row stops the run early
         (`check_sources` reads train_files before any model loads; `setup` reads derived files).
     on_bad_row: "error" (default): a bad row stops the run with a DataError naming source, row and
@@ -72,7 +71,6 @@ class GISTDataModule(LightningDataModule):
         batch_size: int = 16,
         seed: int = 42,
         shuffle_buffer: int = 1024,
-        prepend_instructions: bool = False,
         validate_files: bool = True,
         on_bad_row: str = "error",
         val_sts_dir: str | None = None,
@@ -96,7 +94,7 @@ class GISTDataModule(LightningDataModule):
         self._stream_state: dict | None = None  # from a checkpoint, applied to the training stream
         self.cache_dir = Path(cache_dir)
         self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer
-        self.prepend_instructions, self.validate_files = prepend_instructions, validate_files
+        self.validate_files = validate_files
         if on_bad_row not in ("error", "skip"):
             raise ValueError(f"data.on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
         self.on_bad_row = on_bad_row
@@ -138,16 +136,15 @@ class GISTDataModule(LightningDataModule):
         return counts
 
     def configure_encoders(self, student, guide=None, guide_cache=None, prefill_guide_cache: bool = False) -> None:
-        """Tokenize for the student and, with its OWN tokenizer and max length, for the guide; look up
-        guide embeddings in `guide_cache`, filled before training when `prefill_guide_cache`."""
+        """Prompt and tokenize for the student and, with its OWN prompts, tokenizer and max length, for
+        the guide (`.inputs` of each encoder); look up guide embeddings in `guide_cache`, filled before
+        training when `prefill_guide_cache`."""
         self.collator = Collator(
-            student.tokenizer,
-            student.max_length,
-            guide.tokenizer if guide is not None else None,
-            guide.max_length if guide is not None else None,
+            student.inputs,
+            guide.inputs if guide is not None else None,
             guide_cache=guide_cache if guide is not None else None,
         )
-        self.sts_collator = StsCollator(student.tokenizer, student.max_length)
+        self.sts_collator = StsCollator(student.inputs)
         self._prefill = (
             (guide, guide_cache) if prefill_guide_cache and guide is not None and guide_cache is not None else None
         )
@@ -160,9 +157,10 @@ class GISTDataModule(LightningDataModule):
         if self._prefill is not None:
             guide, cache = self._prefill
             local = [s.source for s in self.sources() if not isinstance(s.source, HubDataset)]
-            rows = iter_rows(local, self.prepend_instructions, on_bad_row=self.on_bad_row)
-            texts = [r[f] for r in rows for f in ("query", "pos", "neg") if r[f]]
-            computed = cache.fill(guide, texts)
+            items = [
+                item for row in iter_rows(local, on_bad_row=self.on_bad_row) for item in guide.inputs.row_items(row)
+            ]
+            computed = cache.fill(guide, items)
             log.info("guide cache %s: %d texts computed, %d cached", cache.dir, computed, len(cache))
 
     def sources(self) -> list[SourceSpec]:
@@ -197,7 +195,6 @@ class GISTDataModule(LightningDataModule):
             self.batch_size,
             seed=self.seed,
             shuffle_buffer=self.shuffle_buffer,
-            prepend_instructions=self.prepend_instructions,
             on_bad_row=self.on_bad_row,
             temperature=self.temperature,
             leftovers=self.leftovers,

@@ -7,7 +7,7 @@ or `.parquet` files, or a hub dataset id + revision (`HubDataset`) streamed with
 
     skipped = Counter()  # reason -> bad rows left out (on_bad_row="skip")
     for row in iter_rows([Path("train.jsonl"), HubDataset("org/data", "abc123")], on_bad_row="skip", skipped=skipped):
-        ...  # {query, pos, neg (str | None), task_name, symmetric, where ("source: row N")}
+        ...  # {query, pos, neg (str | None), task_name, symmetric, instruct, where ("source: row N")}
     rows_per_task = validate_sources(paths)  # read every row once before training, or raise DataError
 
 Also here: `read_sts` (an STS split for validation) and `text_id` (the stable id of a text). Built on
@@ -203,8 +203,10 @@ def _text(record: dict, field: str, where: str, required: bool) -> str | None:
     return value
 
 
-def parse_row(record: object, where: str, prepend_instructions: bool = False) -> dict:
-    """Validate one raw record and return {query, pos, neg (str|None), task_name, symmetric}."""
+def parse_row(record: object, where: str) -> dict:
+    """Validate one raw record and return {query, pos, neg (str|None), task_name, symmetric, instruct}.
+    `instruct` maps query/pos/neg to the row's *_instruct ("" when absent): each encoder decides whether
+    and how to use them (its `instructions`, gist.core.inputs)."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}", "not_an_object")
     row = {field: _text(record, field, where, required=field != "neg") for field in TEXT_FIELDS}
@@ -213,18 +215,20 @@ def parse_row(record: object, where: str, prepend_instructions: bool = False) ->
     if symmetric is not None and not isinstance(symmetric, bool):
         raise DataError(f"{where}: column 'symmetric' must be a boolean, got {type(symmetric).__name__}", "wrong_type")
     row["symmetric"] = bool(symmetric)
-    if prepend_instructions:
-        for field in TEXT_FIELDS:
-            instruct = record.get(INSTRUCT[field])
-            if row[field] is not None and isinstance(instruct, str) and instruct.strip():
-                sep = "" if instruct[-1].isspace() else " "
-                row[field] = f"{instruct}{sep}{row[field]}"
+    instruct = {}
+    for field in TEXT_FIELDS:
+        value = record.get(INSTRUCT[field])
+        if value is not None and not isinstance(value, str):
+            raise DataError(
+                f"{where}: column {INSTRUCT[field]!r} must be a string, got {type(value).__name__}", "wrong_type"
+            )
+        instruct[field] = value or ""
+    row["instruct"] = instruct
     return row
 
 
 def iter_rows(
     sources: Iterable[Source],
-    prepend_instructions: bool = False,
     on_bad_row: str = "error",
     skipped: Counter | None = None,
 ) -> Iterator[dict]:
@@ -240,7 +244,7 @@ def iter_rows(
         for row_no, record in iter_records(source, skipped if skip else None):
             where = f"{source}: row {row_no}"
             try:
-                row = parse_row(record, where, prepend_instructions)
+                row = parse_row(record, where)
                 first = has_neg.setdefault(row["task_name"], (row["neg"] is not None, where))
                 if first[0] != (row["neg"] is not None):
                     raise DataError(

@@ -36,7 +36,8 @@ log = logging.getLogger("gist.eval")
 USAGE = """key=value options: model (run dir | sentence-transformers folder | hub id; required), revision (hub),
 checkpoint (run dir: `last`, `best` or a checkpoint name; default: the exported model), data_dir (a folder of
 task folders), tasks (list; default all under data_dir), output (JSON {task: main score x 100}; default for a
-run dir: <run>/eval/<checkpoint file name or fine_tuned>.json), batch_size, cache_dir. See scripts/eval.py."""
+run dir: <run>/eval/<checkpoint file name or fine_tuned>[-dim<N>].json), batch_size, cache_dir, truncate_dim (evaluate
+the first N embedding coordinates, re-normalised: Matryoshka models). See scripts/eval.py."""
 
 
 class EvalArgumentError(ValueError):
@@ -53,6 +54,7 @@ class EvalConfig:
     output: str | None = None
     batch_size: int = 64
     cache_dir: str | None = None
+    truncate_dim: int | None = None
 
 
 def parse(argv: list[str]) -> EvalConfig:
@@ -72,13 +74,14 @@ def parse(argv: list[str]) -> EvalConfig:
     return OmegaConf.to_object(cfg)
 
 
-def default_output(model: str, checkpoint: str | None = None) -> Path:
+def default_output(model: str, checkpoint: str | None = None, truncate_dim: int | None = None) -> Path:
     """Where a run directory's evaluation is filed: <run>/eval/<checkpoint file name or fine_tuned>.json
-    (checkpoints under their file name, as notebooks/compare_checkpoints.ipynb expects)."""
+    (checkpoints under their file name, as notebooks/compare_checkpoints.ipynb expects; `-dim<N>` added
+    for a truncated evaluation)."""
     if not is_run_dir(model):
         raise EvalArgumentError("output=<file.json> is required unless model is a run directory")
     label = load_run(model).checkpoint(checkpoint).label if checkpoint else "fine_tuned"
-    return Path(model) / "eval" / f"{label}.json"
+    return Path(model) / "eval" / f"{label}{f'-dim{truncate_dim}' if truncate_dim else ''}.json"
 
 
 def select_tasks(data_dir: str | Path | None, tasks: list[str] | None):
@@ -107,16 +110,20 @@ def evaluate_model(
     checkpoint: str | None = None,
     batch_size: int = 64,
     cache_dir: str | Path | None = None,
+    truncate_dim: int | None = None,
 ) -> dict[str, float]:
     """Evaluate `model` (a run directory, a sentence-transformers folder or a hub id) and write `output`
     (scores) and `<stem>.details.json` beside it; print the table (with published scores from
     `<data_dir>/reference_scores.json` when it has the model). Returns {task: main score x 100}.
     EvalArgumentError for options that do not go together."""
-    output = Path(output) if output else default_output(model, checkpoint)
+    output = Path(output) if output else default_output(model, checkpoint, truncate_dim)
     # The original tasks (not `.v2`) are the ones the published numbers were computed on.
     warnings.filterwarnings("ignore", message=".*is superseded by.*")
     task_list = select_tasks(data_dir, tasks)
-    resolved = resolve_model(model, revision=revision, checkpoint=checkpoint)
+    try:
+        resolved = resolve_model(model, revision=revision, checkpoint=checkpoint).truncated(truncate_dim)
+    except ValueError as err:
+        raise EvalArgumentError(str(err)) from err
     log.info("evaluating %s @ %s on %s", resolved.name, resolved.revision, [t.metadata.name for t in task_list])
     details = evaluate(resolved, task_list, batch_size=batch_size, cache_dir=cache_dir)
     scores, full = write_results(details, output)
@@ -150,6 +157,7 @@ def main(argv: list[str]) -> dict[str, float]:
             checkpoint=cfg.checkpoint,
             batch_size=cfg.batch_size,
             cache_dir=cfg.cache_dir,
+            truncate_dim=cfg.truncate_dim,
         )
     except EvalArgumentError as err:
         sys.exit(str(err))

@@ -16,6 +16,7 @@ CLI: scripts/eval.py.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -41,17 +42,34 @@ class EvalModel:
     revision: str
     step: int | None = None  # training step of a checkpoint, when known
     source: str = ""  # what the user pointed at (hub id, folder, checkpoint)
+    truncate_dim: int | None = None  # evaluate the first `truncate_dim` coordinates (Matryoshka), re-normalised
 
     def identity(self) -> dict:
-        return {
+        identity = {
             "name": self.name,
             "revision": self.revision,
             "step": self.step,
             "source": self.source,
             "pooling": self.encoder.pooling,
             "max_length": self.encoder.max_length,
-            "dim": self.encoder.dim,
+            "dim": self.truncate_dim or self.encoder.dim,
         }
+        if self.prompts:
+            identity["prompts"] = self.prompts
+        if self.truncate_dim:
+            identity["truncate_dim"] = self.truncate_dim
+        return identity
+
+    @property
+    def prompts(self) -> dict[str, str]:
+        """The encoder's non-empty named prompts, which mteb picks from per task (`get_prompt`)."""
+        return {k: v for k, v in self.encoder.prompts.items() if v}
+
+    def truncated(self, dim: int | None) -> EvalModel:
+        """The same model evaluated at its first `dim` coordinates (None: full width)."""
+        if dim is not None and not 0 < dim <= self.encoder.dim:
+            raise ValueError(f"truncate_dim must lie in [1, {self.encoder.dim}] (the embedding width), got {dim}")
+        return dataclasses.replace(self, truncate_dim=dim if dim != self.encoder.dim else None)
 
 
 def weights_digest(encoder: Encoder) -> str:
@@ -108,7 +126,7 @@ def resolve_model(spec: str, revision: str | None = None, checkpoint: str | None
 
 def _mteb_wrapper(model: EvalModel):
     from mteb.models import ModelMeta
-    from mteb.models.abs_encoder import AbsEncoder
+    from mteb.models.abs_encoder import AbsEncoder, get_prompt
     from mteb.models.model_meta import ScoringFunction
 
     class GistMtebEncoder(AbsEncoder):
@@ -116,12 +134,13 @@ def _mteb_wrapper(model: EvalModel):
 
         def __init__(self) -> None:
             self.model = model.encoder
+            self.model_prompts = model.prompts or None  # mteb's prompt mechanism: task name, type, query/document
             self.mteb_model_meta = ModelMeta.create_empty(
                 overwrites=dict(
                     name=model.name,
                     revision=model.revision,
                     similarity_fn_name=ScoringFunction.COSINE,
-                    embed_dim=model.encoder.dim,
+                    embed_dim=model.truncate_dim or model.encoder.dim,
                     max_tokens=model.encoder.max_length,
                     framework=["PyTorch"],
                     modalities=["text"],
@@ -134,7 +153,10 @@ def _mteb_wrapper(model: EvalModel):
             # Each distinct text once (STSBenchmark test repeats 8% of its sentences).
             unique = list(dict.fromkeys(texts))
             start = time.perf_counter()
-            emb = self.model.encode(unique, batch_size=kwargs.get("batch_size", 64))  # (U, d) unit norm
+            prompt = get_prompt(self.model_prompts, task_metadata, prompt_type) or ""
+            emb = self.model.encode(unique, batch_size=kwargs.get("batch_size", 64), prompt=prompt)  # (U, d) unit norm
+            if model.truncate_dim:
+                emb = torch.nn.functional.normalize(emb[:, : model.truncate_dim], dim=-1)
             self.seconds += time.perf_counter() - start
             self.texts += len(unique)
             position = {text: i for i, text in enumerate(unique)}
@@ -252,6 +274,8 @@ def _cache_path(cache_dir: str | Path, model: EvalModel, task) -> Path:
         [
             model.name,
             model.revision,
+            *([{"prompts": model.prompts}] if model.prompts else []),
+            *([{"truncate_dim": model.truncate_dim}] if model.truncate_dim else []),
             task.metadata.name,
             _data_revision(task),
             mteb.__version__,

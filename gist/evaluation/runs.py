@@ -166,7 +166,7 @@ class Run:
             )
         encoder = Encoder(**ckpt["gist_student"])
         state = {k.removeprefix("student."): v for k, v in ckpt["state_dict"].items() if k.startswith("student.")}
-        encoder.load_state_dict(state)
+        encoder.check_loaded(encoder.load_state_dict(state, strict=False))
         return encoder.eval()
 
     def exported_step(self) -> int | None:

@@ -89,6 +89,17 @@ def upgrade_config(cfg: DictConfig) -> tuple[DictConfig, dict[str, str]]:
                     node[key] = new
 
     walk(cfg)
+    data = cfg.get("data")
+    if isinstance(data, DictConfig) and "prepend_instructions" in data:
+        # Instructions became a setting of each encoder (gist.core.inputs): the old data-level switch
+        # prepended the row's instruction and a space to every text, for the student and the guide alike.
+        if data.pop("prepend_instructions"):
+            for key in ("model", "guide"):
+                if isinstance(cfg.get(key), DictConfig):
+                    cfg[key]["instructions"] = {"query": "{instruct} ", "document": "{instruct} "}
+            changes["data.prepend_instructions=true"] = "model.instructions / guide.instructions"
+        else:
+            changes["data.prepend_instructions=false"] = "(removed: instructions are unused unless configured)"
     if changes:
         log.warning(
             "config written by an older gist layout; classes moved: %s",
