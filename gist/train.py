@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.utilities import rank_zero_only
@@ -39,6 +40,17 @@ log = logging.getLogger("gist.train")
 # Faults that are the user's to fix (data, model access, a diverging run, a loss without its guide): one
 # clear line and exit 1 in scripts/train.py, no traceback. Anything else is a bug and keeps its traceback.
 USER_ERRORS = (DataError, ModelUnavailableError, NonFiniteError, GuideMismatchError)
+
+
+def build_part(node, **kwargs):
+    """`instantiate(node)`, with a user error raised inside (a model not available offline, bad data)
+    surfacing as itself rather than wrapped in Hydra's InstantiationException."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, USER_ERRORS):
+            raise err.__cause__ from None
+        raise
 
 
 @dataclass
@@ -83,14 +95,14 @@ def run(cfg: DictConfig, wandb_identity: dict | None = None) -> float | None:
 def build(cfg: DictConfig, output_dir: Path, wandb_identity: dict) -> Built:
     """Loss first (it says whether a guide is needed), then data (a missing file fails before any model
     loads), then the student, the guide and its cache, the module, loggers and trainer."""
-    loss = instantiate(cfg.loss)
+    loss = build_part(cfg.loss)
     guide_cfg = cfg.get("guide")
     check_guide(loss, guide_cfg is not None)
-    datamodule = instantiate(cfg.data)
+    datamodule = build_part(cfg.data)
     datamodule.check_sources()
     report_bad_rows(datamodule, output_dir)
-    student = instantiate(cfg.model)
-    guide = instantiate(guide_cfg) if guide_cfg is not None else None
+    student = build_part(cfg.model)
+    guide = build_part(guide_cfg) if guide_cfg is not None else None
     cache_cfg = cfg.get("guide_cache") or {}
     cache = (
         GuideCache.for_encoder(cache_cfg.dir, guide, dtype=cache_cfg.dtype)

@@ -91,3 +91,18 @@ def test_bench_table_marks_targets_met_and_missed(tmp_path, capsys):
     assert lines["`gradcache_memory`"].endswith("<= 2: met |")
     assert lines["`flop_bound`"].endswith("<= 1.5: MISSED |")
     assert "| plain_64 | 300 |" in out
+
+
+def test_decoder_student_steps_on_both_sides(tiny_qwen3, tiny_guide):
+    """The decoder_fp32 key's two sides on a tiny random Qwen3 (last-token pooling, left padding)."""
+    pairs = bench.bench_pairs(12)
+    assert 0 < bench.ours_step_time(pairs, str(tiny_qwen3), str(tiny_guide), 4, 3, 1, bucket_size=3) < 60
+    assert 0 < bench.st_step_time(pairs, str(tiny_qwen3), str(tiny_guide), 4, 3, 1) < 60
+
+
+@pytest.mark.unit
+def test_machine_info_names_the_cpu_and_its_bf16_units():
+    info = bench.cpu_info()
+    assert info["cpu"]
+    if "cpu_flags" in info:
+        assert info["bf16_units"] == bool({"avx512_bf16", "amx_bf16"} & set(info["cpu_flags"]))

@@ -61,3 +61,31 @@ def test_decoder_student_trains_and_exports_last_token_pooling(
     assert str(tiny_qwen3) in card and "MNRLLoss" in card
     if "matryoshka" in " ".join(extra):
         assert "matryoshka_dims=[32, 16, 8]" in card
+
+
+def test_lora_decoder_under_ddp_with_gathering_gradcache_and_the_guide_cache(
+    tmp_path, tiny_qwen3, tiny_guide, gist_file, mteb_dir, monkeypatch
+):
+    """Two CPU processes (gloo): LoRA on the decoder, candidates gathered across ranks, GradCache, the guide
+    cache prefilled: it trains, checkpoints hold the adapters only, and the export equals the trained encoder."""
+    from sentence_transformers import SentenceTransformer
+
+    from gist.evaluation.runs import Run
+
+    args = [
+        *tiny(tmp_path, tiny_qwen3, tiny_guide, gist_file, mteb_dir),
+        "guide.pooling=mean",
+        "trainer=ddp_sim",
+        "model.lora={r:4,alpha:8}",
+        "loss=gist_cached",
+        "loss.mini_batch_size=3",
+        "loss.gather_across_devices=true",
+    ]
+    run_in_process(args, monkeypatch)
+    run = _run_dir(tmp_path)
+    ckpt = torch.load(next((run / "checkpoints").glob("step*.ckpt")), map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 2 and all("lora_" in k for k in ckpt["state_dict"] if k.startswith("student."))
+    trained = Run(run).load_model("best")
+    exported = SentenceTransformer(str(run / "model"), device="cpu")
+    torch.testing.assert_close(trained.encode(TEXTS), torch.as_tensor(exported.encode(TEXTS)), rtol=0, atol=1e-5)
+    assert any((tmp_path / "cache" / "guide").rglob("*.emb.npy"))

@@ -50,7 +50,7 @@ def test_offline_minilm_resolves_by_hub_id_and_matches_reference():
     torch.testing.assert_close(emb, ref, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["BAAI/bge-small-en-v1.5", "WhereIsAI/UAE-Large-V1"])
+@pytest.mark.parametrize("name", ["BAAI/bge-small-en-v1.5", "WhereIsAI/UAE-Large-V1", "Qwen/Qwen3-Embedding-0.6B"])
 def test_hub_only_models_fail_fast_offline_with_instructions(name):
     # No wall-clock assertion here (it fails on a loaded machine, not on a bug): speed belongs in `make bench`.
     with pytest.raises(ModelUnavailableError) as err:

@@ -48,3 +48,8 @@ def test_quickstart_end_to_end_with_real_models(tmp_path, capsys):
     assert mined == ["mteb-amazon_counterfactual", "mteb-banking77", "mteb-emotion", "mteb-tweet_sentiment_extraction"]
     emb = SentenceTransformer(str(tmp_path / "run" / "model")).encode(["a cat", "a dog"])
     assert emb.shape == (2, 384)
+    # The model card: the base model (and its revision), the guide, the loss, the scores, the citation.
+    card = (tmp_path / "run" / "model" / "README.md").read_text()
+    assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in card
+    assert "Guide: `sentence-transformers/all-mpnet-base-v2`" in card and "Loss: `GISTLoss`" in card
+    assert "| STSBenchmark | 82.03 |" in card and "solatorio2024gistembed" in card

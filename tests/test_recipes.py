@@ -31,8 +31,20 @@ CPU = ["trainer.accelerator=cpu", "trainer.precision=32-true"]
 
 @pytest.mark.unit
 def test_readme_has_every_recipe():
-    assert set(recipes()) == {"quickstart", "gist_small", "sweep", "sweep_guide", "ddp", "torchrun", "slurm"}
-    assert recipes()["gist_small"][0] == {"HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0"}
+    assert set(recipes()) == {
+        "quickstart",
+        "gist_small",
+        "gist_qwen3",
+        "lora",
+        "matryoshka",
+        "sweep",
+        "sweep_guide",
+        "ddp",
+        "torchrun",
+        "slurm",
+    }
+    for hub_only in ("gist_small", "gist_qwen3"):
+        assert recipes()[hub_only][0] == {"HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0"}
 
 
 def test_quickstart_recipe(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, monkeypatch):
@@ -71,6 +83,62 @@ def test_gist_small_recipe_on_the_tiny_fixtures(tmp_path, tiny_student, tiny_gui
     assert (
         cfg.trainer.precision == "bf16-mixed" and cfg.optim.schedule_steps == 4_547_000 and cfg.loss.temperature == 0.01
     )
+
+
+def test_gist_qwen3_recipe_as_written_fails_fast_offline(tmp_path, gist_file, monkeypatch, capsys):
+    args = [*recipe("gist_qwen3"), f"paths.log_dir={tmp_path / 'logs'}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    with pytest.raises(SystemExit) as stop:
+        run_in_process(args, monkeypatch)
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert "error: hub dataset avsolatorio/medi-data-mteb_avs_triplets" in err and "Traceback" not in err
+    # With local data instead, the student is the next thing that needs the hub: it fails fast too.
+    local = [*args, "data=files", f"data.train_files=[{gist_file}]", "data.val_sts_dir=null"]
+    with pytest.raises(SystemExit) as stop:
+        run_in_process(local, monkeypatch)
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and "Cannot load model 'Qwen/Qwen3-Embedding-0.6B'" in err and "Traceback" not in err
+
+
+def test_gist_qwen3_recipe_on_a_tiny_decoder(tmp_path, tiny_qwen3, tiny_guide, gist_file, mteb_dir, monkeypatch):
+    """The decoder recipe's config (last-token pooling, query instructions, GIST loss with a guide, bf16,
+    gradient checkpointing) on a tiny random Qwen3 and the tiny guide, CPU, fast_dev_run."""
+    stand_ins = [
+        *tiny(tmp_path, tiny_qwen3, tiny_guide, gist_file, mteb_dir),
+        "guide.pooling=cls",
+        "trainer.accelerator=cpu",
+        "debug=fdr",
+    ]
+    run_in_process(with_overrides(recipe("gist_qwen3"), stand_ins), monkeypatch)
+    (run,) = (tmp_path / "logs" / "gist_qwen3" / "runs").iterdir()
+    cfg = OmegaConf.load(run / "config.yaml")
+    assert cfg.model.pooling == "lasttoken" and cfg.model.instructions.query == "Instruct: {instruct}\nQuery:"
+    assert cfg.loss._target_.endswith("GISTLoss") and cfg.guide.name == str(tiny_guide)
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.model.gradient_checkpointing
+
+
+def test_lora_recipe(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, monkeypatch):
+    run_in_process(
+        with_overrides(recipe("lora"), tiny(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir)), monkeypatch
+    )
+    (run,) = (tmp_path / "logs" / "quickstart" / "runs").iterdir()
+    assert (run / "model" / "adapter" / "adapter_config.json").is_file()
+    assert OmegaConf.load(run / "config.yaml").model.lora.r == 16
+
+
+def test_matryoshka_recipe(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir, monkeypatch):
+    import json
+
+    tiny_widths = ["loss.matryoshka_dims=[32,16,8]", "compare_dims=[16]", f"compare_tasks_dir={mteb_dir}"]
+    args = with_overrides(
+        recipe("matryoshka"), [*tiny(tmp_path, tiny_student, tiny_guide, gist_file, mteb_dir), *tiny_widths]
+    )
+    run_in_process(args, monkeypatch)
+    (run,) = (tmp_path / "logs" / "quickstart" / "runs").iterdir()
+    tasks = [r["task"] for r in json.loads((run / "eval" / "comparison.json").read_text())["rows"]]
+    assert "TinySTS" in tasks  # the full width...
+    assert (run / "eval" / "dim16" / "comparison.json").is_file()  # ...and the truncated one
+    assert "TinySTS @16d" in (run / "model" / "README.md").read_text()
 
 
 # Slow (the real mpnet and MiniLM guides): the guide sweep's jobs compose to their loss and guide in the default tier

@@ -75,6 +75,10 @@ def test_train_exports_a_sentence_transformers_model_with_identical_embeddings(
     assert comparison["fine_tuned"]["step"] == int(next((run / "checkpoints").glob("step*.ckpt")).stem[4:10])
     assert (run / "eval" / "comparison.md").read_text().count("\n| Tiny") == 2
 
+    # The model card names the base, the guide, the loss and the end-of-run scores.
+    card = (run / "model" / "README.md").read_text()
+    assert str(tiny_student) in card and str(tiny_guide) in card and "GISTLoss" in card and "temperature=0.01" in card
+    assert "| TinySTS |" in card and "solatorio2024gistembed" in card
     # The exported folder is the BEST checkpoint's student, loadable exactly as in the README snippet.
     model = SentenceTransformer(str(run / "model"))
     texts = ["Understanding the REaLTabFormer model.", "Predicting human mobility holds significant practical value."]

@@ -31,6 +31,41 @@ OFFLINE_DEFAULTS = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 MPNET = "sentence-transformers/all-mpnet-base-v2"
+LORA = {"r": 16, "alpha": 32}  # every linear layer (peft's "all-linear")
+KEYS = ("same_work_fp32", "mpnet_guide", "decoder_fp32", "gradcache_memory", "lora_memory", "flop_bound")
+
+
+def bench_decoder(path: Path) -> Path:
+    """A random Qwen3-style decoder of MiniLM's size (6 layers, width 384, rotary, grouped-query attention)
+    with MiniLM's tokenizer padded on the left, as a sentence-transformers folder with last-token pooling:
+    the decoder student of the `decoder_fp32` key (same pairs and guide as same_work_fp32)."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules import Normalize, Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
+
+    if (path / "modules.json").is_file():
+        return path
+    hf = path.with_name(path.name + "-hf")
+    tokenizer = AutoTokenizer.from_pretrained(MINILM, padding_side="left")
+    tokenizer.save_pretrained(hf)
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=384,
+        intermediate_size=1536,
+        num_hidden_layers=6,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    Qwen3Model(config).save_pretrained(hf)
+    transformer = Transformer(str(hf), max_seq_length=256)
+    modules = [transformer, Pooling(384, pooling_mode="lasttoken"), Normalize()]
+    SentenceTransformer(modules=modules, device="cpu").save(str(path))
+    return path
 
 
 def bench_pairs(n: int) -> list[tuple[str, str]]:
@@ -109,6 +144,7 @@ def ours_step_time(
     mini_batch_size: int | None = None,
     bucket_size: int | None = None,
     callbacks: list | None = None,
+    lora: dict | None = None,
 ) -> float:
     from lightning.pytorch import Callback, Trainer
 
@@ -130,7 +166,7 @@ def ours_step_time(
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "pairs.jsonl"
         path.write_text("".join(json.dumps({"query": a, "pos": p, "task_name": "bench"}) + "\n" for a, p in pairs))
-        student_enc, guide_enc = Encoder(student), Encoder(guide)
+        student_enc, guide_enc = Encoder(student, lora=lora), Encoder(guide)
         cache = GuideCache.for_encoder(cache_dir, guide_enc) if cache_dir else None
         module = GISTModule(
             student_enc,
@@ -215,6 +251,7 @@ def memory_child(kind: str, batch: int, mini: int) -> None:
         bucket_size=8,
         mini_batch_size=mini if kind == "gradcache" else None,
         callbacks=[Probe()],
+        lora=LORA if kind == "lora" else None,
     )
     print(json.dumps(probe))
 
@@ -262,51 +299,8 @@ def mean_tokens(name: str, texts: list[str]) -> float:
     return statistics.mean(len(tok(t)["input_ids"]) for t in texts)
 
 
-def main(argv: list[str] | None = None) -> int:
-    for key, value in OFFLINE_DEFAULTS.items():
-        os.environ.setdefault(key, value)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="bench.json")
-    parser.add_argument("--steps", type=int, default=14, help="steps per timed run (fp32)")
-    parser.add_argument("--warmup", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument(
-        "--bucket-size", type=int, default=8, help="ours: length-bucketed encoding (0: one forward per block)"
-    )
-    parser.add_argument("--memory-child", nargs=3, metavar=("KIND", "BATCH", "MINI"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.memory_child:
-        kind, batch, mini = args.memory_child
-        memory_child(kind, int(batch), int(mini))
-        return 0
-
-    torch.manual_seed(0)
-    B, steps, warm, bs = args.batch, args.steps, args.warmup, args.bucket_size or None
-    pairs = bench_pairs(B * steps)
-    result: dict = {
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "torch": torch.__version__,
-            "batch_pairs": B,
-            "steps": steps,
-            "warmup": warm,
-            "repeats": args.repeats,
-            "bucket_size": bs,
-        }
-    }
-    reps = range(args.repeats)
-    per_block = [ours_step_time(pairs, MINILM, MINILM, B, steps, warm) for _ in reps]
-    result["same_work_fp32"] = compare(
-        "same_work_fp32",
-        B,
-        [ours_step_time(pairs, MINILM, MINILM, B, steps, warm, bucket_size=bs) for _ in reps],
-        [st_step_time(pairs, MINILM, MINILM, B, steps, warm) for _ in reps],
-        ours_per_block_pairs_per_s=B / statistics.median(per_block),
-        ours_per_block_repeats_s=per_block,
-    )
+def mpnet_guide_keys(result: dict, pairs, B: int, steps: int, warm: int, bs, reps) -> None:
+    """mpnet_guide_fp32, mpnet_guide_cached_fp32 and mpnet_guide_cached_bf16 (MiniLM student, mpnet guide)."""
     result["mpnet_guide_fp32"] = compare(
         "mpnet_guide_fp32",
         B,
@@ -336,27 +330,9 @@ def main(argv: list[str] | None = None) -> int:
         st_setting="fp32" if st_bf16 is None or best_st < statistics.median(st_bf16) else "bf16",
     )
 
-    mini = 32
-    runs = {
-        f"{kind}_{b}": peak_rss(kind, b, mini)
-        for kind, b in [("plain", 64), ("plain", 256), ("gradcache", 64), ("gradcache", 256), ("gradcache", 1024)]
-    }
-    plain, cached = runs["plain_64"]["peak_rss_mib"], runs["gradcache_1024"]["peak_rss_mib"]
-    result["gradcache_memory"] = {
-        "plain_batch": 64,
-        "plain_peak_rss_mib": plain,
-        "gradcache_batch": 1024,
-        "mini_batch_size": mini,
-        "gradcache_peak_rss_mib": cached,
-        "ratio": cached / plain,
-        "growth_over_fit_start_mib": {k: v["peak_rss_mib"] - v["start_rss_mib"] for k, v in runs.items()},
-        "runs": runs,
-    }
-    print(
-        f"gradcache_memory: plain 64 {plain:.0f} MiB, GradCache 1024 {cached:.0f} MiB, ratio {cached / plain:.2f}; "
-        + ", ".join(f"{k} +{v['peak_rss_mib'] - v['start_rss_mib']:.0f}" for k, v in runs.items())
-    )
 
+def flop_bound_key(result: dict, pairs, B: int) -> None:
+    """flop_bound: the cached-guide fp32 step against its FLOPs at this machine's matmul peak."""
     texts = [t for pair in pairs for t in pair]
     tokens = mean_tokens(MINILM, texts)
     student_fwd = encoder_flops_per_text(MINILM, tokens)
@@ -378,6 +354,123 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"flop_bound: {flops / 1e9:.1f} GFLOP/step at {peak:.0f} GFLOP/s -> {bound:.2f} s; step {step:.2f} s ({step / bound:.2f}x)"
     )
+
+
+def cpu_info() -> dict:
+    """The CPU model and the flags that decide which kernels run (bf16 units: avx512_bf16, amx_bf16)."""
+    info = {"cpu": platform.processor() or platform.machine()}
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        fields = dict(line.split(":", 1) for line in cpuinfo.read_text().splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        flags = set(fields.get("flags", "").split())
+        info["cpu"] = fields.get("model name", info["cpu"])
+        info["cpu_flags"] = sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16"})
+        info["bf16_units"] = bool(flags & {"avx512_bf16", "amx_bf16"})
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    for key, value in OFFLINE_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench.json")
+    parser.add_argument("--steps", type=int, default=14, help="steps per timed run (fp32)")
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument(
+        "--bucket-size", type=int, default=8, help="ours: length-bucketed encoding (0: one forward per block)"
+    )
+    parser.add_argument("--keys", default="", help=f"comma-separated subset of {','.join(KEYS)} (default: all)")
+    parser.add_argument("--memory-child", nargs=3, metavar=("KIND", "BATCH", "MINI"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_child:
+        kind, batch, mini = args.memory_child
+        memory_child(kind, int(batch), int(mini))
+        return 0
+
+    torch.manual_seed(0)
+    B, steps, warm, bs = args.batch, args.steps, args.warmup, args.bucket_size or None
+    pairs = bench_pairs(B * steps)
+    result: dict = {
+        "machine": {
+            **cpu_info(),
+            "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "torch": torch.__version__,
+            "batch_pairs": B,
+            "steps": steps,
+            "warmup": warm,
+            "repeats": args.repeats,
+            "bucket_size": bs,
+        }
+    }
+    reps = range(args.repeats)
+    keys = set(args.keys.split(",")) if args.keys else set(KEYS)
+    unknown = keys - set(KEYS)
+    if unknown:
+        parser.error(f"unknown keys {sorted(unknown)}; known: {', '.join(KEYS)}")
+    if "same_work_fp32" in keys:
+        per_block = [ours_step_time(pairs, MINILM, MINILM, B, steps, warm) for _ in reps]
+        result["same_work_fp32"] = compare(
+            "same_work_fp32",
+            B,
+            [ours_step_time(pairs, MINILM, MINILM, B, steps, warm, bucket_size=bs) for _ in reps],
+            [st_step_time(pairs, MINILM, MINILM, B, steps, warm) for _ in reps],
+            ours_per_block_pairs_per_s=B / statistics.median(per_block),
+            ours_per_block_repeats_s=per_block,
+        )
+    if "decoder_fp32" in keys:
+        with tempfile.TemporaryDirectory() as tmp:
+            decoder = str(bench_decoder(Path(tmp) / "decoder"))
+            result["decoder_fp32"] = compare(
+                "decoder_fp32",
+                B,
+                [ours_step_time(pairs, decoder, MINILM, B, steps, warm, bucket_size=bs) for _ in reps],
+                [st_step_time(pairs, decoder, MINILM, B, steps, warm) for _ in reps],
+                student="random Qwen3-style decoder, 6 x 384, last-token pooling, left padding; guide all-MiniLM-L6-v2",
+            )
+    if "mpnet_guide" in keys or "flop_bound" in keys:
+        mpnet_guide_keys(result, pairs, B, steps, warm, bs, reps)
+    mini = 32
+    if "gradcache_memory" in keys:
+        runs = {
+            f"{kind}_{b}": peak_rss(kind, b, mini)
+            for kind, b in [("plain", 64), ("plain", 256), ("gradcache", 64), ("gradcache", 256), ("gradcache", 1024)]
+        }
+        plain, cached = runs["plain_64"]["peak_rss_mib"], runs["gradcache_1024"]["peak_rss_mib"]
+        result["gradcache_memory"] = {
+            "plain_batch": 64,
+            "plain_peak_rss_mib": plain,
+            "gradcache_batch": 1024,
+            "mini_batch_size": mini,
+            "gradcache_peak_rss_mib": cached,
+            "ratio": cached / plain,
+            "growth_over_fit_start_mib": {k: v["peak_rss_mib"] - v["start_rss_mib"] for k, v in runs.items()},
+            "runs": runs,
+        }
+        print(
+            f"gradcache_memory: plain 64 {plain:.0f} MiB, GradCache 1024 {cached:.0f} MiB, ratio {cached / plain:.2f}; "
+            + ", ".join(f"{k} +{v['peak_rss_mib'] - v['start_rss_mib']:.0f}" for k, v in runs.items())
+        )
+    if "lora_memory" in keys:
+        full, lora = peak_rss("plain", 64, mini), peak_rss("lora", 64, mini)
+        result["lora_memory"] = {
+            "batch": 64,
+            "lora": LORA,
+            "full_peak_rss_mib": full["peak_rss_mib"],
+            "lora_peak_rss_mib": lora["peak_rss_mib"],
+            "full_growth_over_fit_start_mib": full["peak_rss_mib"] - full["start_rss_mib"],
+            "lora_growth_over_fit_start_mib": lora["peak_rss_mib"] - lora["start_rss_mib"],
+            "runs": {"full": full, "lora": lora},
+        }
+        print(
+            f"lora_memory (MiniLM student and guide, batch 64): full fine-tuning peak {full['peak_rss_mib']:.0f} MiB, "
+            f"LoRA r={LORA['r']} {lora['peak_rss_mib']:.0f} MiB"
+        )
+    if "flop_bound" in keys:
+        flop_bound_key(result, pairs, B)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
     return 0

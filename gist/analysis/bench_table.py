@@ -14,6 +14,7 @@ from pathlib import Path
 
 TARGETS = {
     "same_work_fp32": ("ratio", ">=", 1.1),
+    "decoder_fp32": ("ratio", ">=", 1.1),
     "mpnet_guide_cached_bf16": ("ratio", ">=", 4.0),
     "gradcache_memory": ("ratio", "<=", 2.0),
     "flop_bound": ("step_over_bound", "<=", 1.5),
@@ -46,6 +47,13 @@ def table(result: dict) -> str:
             f"| `gradcache_memory` | GradCache batch {mem['gradcache_batch']} (mini {mem['mini_batch_size']}): "
             f"{mem['gradcache_peak_rss_mib']:.0f} MiB peak | plain batch {mem['plain_batch']}: "
             f"{mem['plain_peak_rss_mib']:.0f} MiB peak | {mem['ratio']:.2f} | {_verdict('gradcache_memory', mem['ratio'])} |"
+        )
+    lora = result.get("lora_memory")
+    if lora:
+        lines.append(
+            f"| `lora_memory` | LoRA r={lora['lora']['r']}: {lora['lora_peak_rss_mib']:.0f} MiB peak | full fine-tuning: "
+            f"{lora['full_peak_rss_mib']:.0f} MiB peak (batch {lora['batch']}) "
+            f"| {lora['lora_peak_rss_mib'] / lora['full_peak_rss_mib']:.2f} | |"
         )
     fb = result.get("flop_bound")
     if fb:

@@ -27,6 +27,7 @@ import copy
 import inspect
 import logging
 import os
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -318,6 +319,17 @@ class Encoder(nn.Module):
             yield self.st
         finally:
             transformer.model = original
+
+
+def hub_commit(name: str, revision: str | None = None) -> str | None:
+    """The commit a hub id (at `revision`) resolves to in the local Hugging Face cache, if cached."""
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(name, "config.json", revision=revision)
+    if isinstance(path, str) and "snapshots" in Path(path).parts:
+        parts = Path(path).parts
+        return parts[parts.index("snapshots") + 1]
+    return None
 
 
 def load_sentence_transformer(name: str, revision: str | None, trust_remote_code: bool):

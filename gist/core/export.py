@@ -12,7 +12,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gist.core.encoder import Encoder
+from gist.core.encoder import Encoder, hub_commit
 
 # GISTEmbed (Solatorio 2024, arXiv:2402.16829), as its paper asks to be cited.
 GIST_CITATION = """@article{solatorio2024gistembed,
@@ -67,13 +67,21 @@ def export_sentence_transformer(
     return path
 
 
+def base_revision(encoder: Encoder) -> str | None:
+    """The base model's commit as resolved in the local Hugging Face cache (else the configured
+    revision); None for a local folder."""
+    if Path(encoder.name).is_dir():
+        return None
+    return hub_commit(encoder.name, encoder.revision) or encoder.revision
+
+
 def describe(st, encoder: Encoder, card: TrainingCard) -> None:
     """Fill `st`'s model-card data offline (no hub call): base model and revision, the GIST training
     record as hyper-parameters, the data sources, the citation."""
     data = st.model_card_data
     data.local_files_only = True  # sentence-transformers would otherwise look the base model up on the hub
     data.base_model = encoder.name
-    data.base_model_revision = encoder.revision
+    data.base_model_revision = base_revision(encoder)
     data.model_name = f"{Path(encoder.name).name} fine-tuned with GISTEmbed"
     data.train_datasets = []  # the template wants per-column statistics: the sources are listed in our section
     data.generate_widget_examples = False
@@ -110,7 +118,7 @@ def card_text(st, encoder: Encoder, card: TrainingCard) -> str:
         "",
         "## GISTEmbed fine-tuning",
         "",
-        f"- Base model: `{encoder.name}` (revision {encoder.revision or 'main'})",
+        f"- Base model: `{encoder.name}` (revision {base_revision(encoder) or 'local folder'})",
     ]
     lines.append(f"- Guide: `{card.guide}`" if card.guide else "- Guide: none (guide-free loss)")
     lines.append(f"- Loss: `{card.loss}` " + ", ".join(f"{k}={v}" for k, v in card.loss_params.items()))

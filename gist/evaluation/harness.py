@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gist.core.encoder import Encoder
+from gist.core.encoder import Encoder, hub_commit
 from gist.evaluation.runs import Run, is_run_dir, load_run
 
 
@@ -73,23 +73,13 @@ class EvalModel:
 
 
 def weights_digest(encoder: Encoder) -> str:
-    """Hash of everything that changes the embeddings: weights, pooling, max length, tokenizer vocabulary."""
+    """Hash of everything that changes the embeddings: weights (the transformer's and the modules after
+    pooling, e.g. Dense), pooling, max length, tokenizer vocabulary. (Prompts are part of the identity.)"""
     digest = hashlib.sha256(f"{encoder.pooling}|{encoder.max_length}|{len(encoder.tokenizer)}".encode())
-    for key, tensor in encoder.model.state_dict().items():
+    for key, tensor in encoder.state_dict().items():
         digest.update(key.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:12]
-
-
-def hub_commit(name: str, revision: str | None = None) -> str | None:
-    """The commit a hub id (at `revision`) resolves to in the local Hugging Face cache, if cached."""
-    from huggingface_hub import try_to_load_from_cache
-
-    path = try_to_load_from_cache(name, "config.json", revision=revision)
-    if isinstance(path, str) and "snapshots" in Path(path).parts:
-        parts = Path(path).parts
-        return parts[parts.index("snapshots") + 1]
-    return None
 
 
 def encoder_model(encoder: Encoder, name: str | None = None, step: int | None = None, source: str = "") -> EvalModel:
