@@ -245,3 +245,35 @@ def test_export_keeps_a_dense_layer_of_the_base(tiny_student, tmp_path):
     loaded = SentenceTransformer(str(path), device="cpu")
     assert [type(m).__name__ for m in loaded] == ["Transformer", "Pooling", "Dense", "Normalize"]
     torch.testing.assert_close(enc.encode(TEXTS), torch.as_tensor(loaded.encode(TEXTS)), rtol=0, atol=1e-5)
+
+
+def test_evaluation_hands_the_prompts_to_mteb(tiny_student, mteb_dir):
+    """mteb's prompt mechanism picks the student's prompt by task name, then task type, then role."""
+    from mteb.types import PromptType
+
+    from gist.evaluation.harness import _mteb_wrapper, pretrained_model
+    from gist.evaluation.tasks import load_tasks
+
+    enc = Encoder(str(tiny_student), prompts={"TinySTS": "similar: ", "Classification": "topic: ", "query": "q: "})
+    wrapper = _mteb_wrapper(pretrained_model(enc))
+    sts, topic = (t.metadata for t in load_tasks(mteb_dir, ["TinySTS", "TinyTopicClassification"]))
+    texts = ["the cat plays piano", "a dog"]
+    batches = [{"text": texts}]
+
+    def encoded(metadata, prompt_type=None):
+        return torch.as_tensor(
+            wrapper.encode(
+                batches, task_metadata=metadata, hf_split="test", hf_subset="default", prompt_type=prompt_type
+            )
+        )
+
+    torch.testing.assert_close(encoded(sts), enc.encode(texts, prompt="similar: "), rtol=0, atol=1e-6)
+    torch.testing.assert_close(encoded(topic), enc.encode(texts, prompt="topic: "), rtol=0, atol=1e-6)
+    plain = Encoder(str(tiny_student), prompts={"query": "q: "})
+    got = torch.as_tensor(
+        _mteb_wrapper(pretrained_model(plain)).encode(
+            batches, task_metadata=sts, hf_split="test", hf_subset="default", prompt_type=PromptType.query
+        )
+    )
+    torch.testing.assert_close(got, plain.encode(texts, role="query"), rtol=0, atol=1e-6)
+    assert (got - plain.encode(texts)).abs().max() > 1e-4  # the prompt changed the embeddings

@@ -120,12 +120,14 @@ def _check_resume(tmp_path, gist_file, tiny_student, tiny_guide, mteb_dir, kill_
     return _log(full, ranks[0])
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_resume_in_process_from_the_step_checkpoint_equals_an_uninterrupted_run(
-    tmp_path, gist_file, tiny_student, tiny_guide, mteb_dir
+    tmp_path, gist_file, tiny_student, tiny_guide, mteb_dir, lora
 ):
     """The default tier's exact resume (the SIGKILL variants below are slow): `train(cfg)` stopped after
     step 3 of a 6-step schedule, resumed from its checkpoints/resume/last.ckpt, trains on the same rows
-    and ends with the same weights as an uninterrupted 6-step run."""
+    and ends with the same weights as an uninterrupted 6-step run. With LoRA the checkpoints hold the
+    adapters only, and resuming from them is exact too."""
     from gist.train import train
     from tests.helpers import assert_metric, assert_run_files, tiny_cfg
 
@@ -150,6 +152,7 @@ def test_resume_in_process_from_the_step_checkpoint_equals_an_uninterrupted_run(
                 "+callbacks.batch_log._target_=gist.infra.callbacks.BatchLog",
                 f"+callbacks.batch_log.dir={tmp_path / name / 'batches'}",
                 *([f"ckpt_path={ckpt}"] if ckpt else []),
+                *(["model.lora={r:4,alpha:8}"] if lora else []),
             ],
         )
         assert_metric(train(cfg))
@@ -164,6 +167,7 @@ def test_resume_in_process_from_the_step_checkpoint_equals_an_uninterrupted_run(
     assert _log(stopped) + _log(resumed) == _log(full)  # step, epoch, stream position, task and anchor text ids
     a, b = (_state(r / "run" / "checkpoints" / "resume" / "last.ckpt") for r in (full, resumed))
     assert a["global_step"] == b["global_step"] == 6 and a["state_dict"].keys() == b["state_dict"].keys()
+    assert all("lora_" in k for k in a["state_dict"] if k.startswith("student.")) == lora
     for name, tensor in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][name], tensor, atol=1e-6, rtol=0, msg=name)
     assert any(not torch.equal(t, _state(ckpt)["state_dict"][n]) for n, t in a["state_dict"].items())  # it trained on
