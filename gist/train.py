@@ -33,7 +33,7 @@ from gist.evaluation.harness import compare_models, comparison_title, encoder_mo
 from gist.evaluation.runs import Run
 from gist.evaluation.tasks import load_tasks
 from gist.infra.launch import isolated_job, job_env, job_identity
-from gist.infra.loggers import finish_wandb, log_exported_model
+from gist.infra.loggers import finish_wandb, log_comparison, log_exported_model
 
 log = logging.getLogger("gist.train")
 
@@ -176,6 +176,7 @@ def export_and_compare(
     if cfg.get("compare_tasks_dir"):
         step = best.step if best else built.trainer.global_step
         rows = compare_on_tasks(cfg, student.eval(), output_dir, step)
+        log_comparison(built.loggers, rows)
         card.results = markdown_table(rows)
         write_model_card(path, student, card)
     print(f"model: {path}\n")

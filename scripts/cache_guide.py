@@ -18,6 +18,10 @@ from pathlib import Path
 
 os.environ.setdefault("GIST_ROOT", str(Path(__file__).resolve().parents[1]))
 
+from gist.infra.hub import offline_unless_reachable  # noqa: E402
+
+offline_unless_reachable()  # before transformers / datasets read HF_HUB_OFFLINE: no minutes of silent retries
+
 import hydra  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402

@@ -23,7 +23,11 @@ from __future__ import annotations
 import logging
 import sys
 
-from gist.evaluation.cli import main
+from gist.infra.hub import offline_unless_reachable
+
+offline_unless_reachable()  # before transformers / datasets read HF_HUB_OFFLINE: no minutes of silent retries
+
+from gist.evaluation.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     if any(a in ("-h", "--help") for a in sys.argv[1:]):

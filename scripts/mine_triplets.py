@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import sys
 
-from gist.data.mining import main
+from gist.infra.hub import offline_unless_reachable
+
+offline_unless_reachable()  # before transformers / datasets read HF_HUB_OFFLINE: no minutes of silent retries
+
+from gist.data.mining import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -477,7 +477,7 @@ def read_wandb_file(run_dir: Path) -> dict:
             record.ParseFromString(chunks)
             records.append(record)
             chunks = b""
-    out = {"run": None, "config": {}, "history_keys": set(), "artifacts": []}
+    out = {"run": None, "config": {}, "history_keys": set(), "artifacts": [], "summary": {}, "history": []}
     for r in records:
         which = r.WhichOneof("record_type")
         if which == "run":
@@ -486,6 +486,9 @@ def read_wandb_file(run_dir: Path) -> dict:
             out["config"].update({i.key: json.loads(i.value_json) for i in r.config.update if i.key})
         elif which == "history":
             out["history_keys"].update(i.key or "/".join(i.nested_key) for i in r.history.item)
+            out["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
+        elif which == "summary":
+            out["summary"].update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.summary.update})
         elif which == "artifact":
             out["artifacts"].append(r.artifact)
     return out

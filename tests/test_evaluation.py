@@ -50,6 +50,7 @@ def test_shipped_folders_subclass_mtebs_own_tasks_and_keep_their_protocol():
         "Banking77Classification",
         "EmotionClassification",
         "STSBenchmark",
+        "SciFact",
         "TweetSentimentExtractionClassification",
     ]
     for name, task in tasks.items():
@@ -91,12 +92,12 @@ def test_a_new_folder_with_an_unseen_name_is_a_generic_task_of_its_meta_type(tmp
 
 def test_bad_task_folders_fail_with_the_file_and_row(tmp_path, mteb_dir):
     bad_type = copy_task(mteb_dir / "TinySTS", tmp_path / "BadType")
-    (bad_type / "meta.json").write_text(json.dumps({"type": "Retrieval"}))
+    (bad_type / "meta.json").write_text(json.dumps({"type": "Regression"}))
     with pytest.raises(DataError, match=r"BadType/meta.json: 'type' must be one of"):
         local_task(bad_type)
     no_test = copy_task(mteb_dir / "TinySTS", tmp_path / "NoTest")
     (no_test / "test.jsonl").unlink()
-    with pytest.raises(DataError, match=r"NoTest/test.jsonl: split file not found"):
+    with pytest.raises(DataError, match=r"NoTest/test.jsonl: file not found"):
         local_task(no_test)
     bad_row = copy_task(mteb_dir / "TinySTS", tmp_path / "BadRow")
     lines = (bad_row / "test.jsonl").read_text().splitlines()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -68,17 +69,17 @@ def test_wandb_run_holds_config_metrics_tags_group_and_the_exported_model(
         mteb_dir,
         [
             "logger=default",
-            "compare_tasks_dir=null",
             "tags=[tiny,wandb]",
             "logger.wandb.group=my-group",
             "logger.wandb.log_exported_model=true",
         ],
     )
     assert_metric(train(cfg))
-    assert_run_files(Path(cfg.paths.output_dir))
+    assert_run_files(Path(cfg.paths.output_dir), evaluation=True)
     (run_dir,) = (Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*")
     run = read_wandb_file(run_dir)
     assert run["run"].run_group == "my-group" and list(run["run"].tags) == ["tiny", "wandb"]
+    assert run["run"].job_type == "train"
     assert run["run"].display_name == f"{cfg.task_name}-{Path(cfg.paths.output_dir).name}"
     assert run["config"]["optim"]["lr"] == cfg.optim.lr and run["config"]["loss"]["temperature"] == cfg.loss.temperature
     for key in (
@@ -90,8 +91,16 @@ def test_wandb_run_holds_config_metrics_tags_group_and_the_exported_model(
         "val/stsb_spearman",
     ):
         assert key in run["history_keys"], (key, run["history_keys"])
-    (artifact,) = run["artifacts"]
-    assert artifact.type == "model" and artifact.name == f"model-{run['run'].run_id}"
+    # The end-of-run comparison: a table, and mteb/<task> summaries of the fine-tuned and the base model.
+    rows = json.loads((Path(cfg.paths.output_dir) / "eval" / "comparison.json").read_text())["rows"]
+    table = next(h for h in run["history"] if "eval/comparison/_type" in h)  # W&B flattens the table's record
+    assert table["eval/comparison/_type"] == "table-file" and table["eval/comparison/nrows"] == len(rows) == 3
+    for row in rows:
+        assert run["summary"][f"mteb/{row['task']}"] == pytest.approx(row["fine_tuned"])
+        assert run["summary"][f"mteb_base/{row['task']}"] == pytest.approx(row["base"])
+    (artifact,) = [a for a in run["artifacts"] if a.type == "model"]  # (the table is an artifact of its own)
+    # Not Lightning's checkpoint artifact name (model-<run id>).
+    assert artifact.type == "model" and artifact.name == f"sentence-transformers-{run['run'].run_id}"
     files = {e.path for e in artifact.manifest.contents}
     assert "modules.json" in files and "model.safetensors" in files
     assert "best" in list(artifact.aliases)

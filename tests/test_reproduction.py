@@ -15,7 +15,7 @@ from gist.infra.offline_models import MINILM, MPNET, installed
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "mteb"
 PUBLISHED = json.loads((DATA / "reference_scores.json").read_text())["scores"]
-TOLERANCE = {"STS": 0.05, "Classification": 1.0}  # x100 points, as issue #3 sets them
+TOLERANCE = {"STS": 0.05, "Classification": 1.0, "Retrieval": 0.05}  # x100 points, as issues #3 and #14 set them
 
 
 @pytest.mark.slow

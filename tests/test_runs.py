@@ -104,3 +104,14 @@ def test_evaluating_a_run_dir_files_results_in_the_run(tiny_runs, mteb_dir):
     best = run.checkpoint("best").label
     evaluate_model(str(run.path), checkpoint="best", data_dir=mteb_dir, tasks=["TinySTS"])
     assert run.details(best)["model"]["step"] == run.checkpoint("best").step  # filed under the file name
+
+
+def test_train_steps_split_the_logged_training_loss_by_task(tiny_runs):
+    """The default TrainSteps callback (conf/callbacks/default.yaml): every batch's task, and the loss
+    metrics.csv logged at the same step (log_every_n_steps=1 here)."""
+    for run in list_runs(tiny_runs):
+        losses = run.task_losses()
+        assert list(losses["step"]) == [0, 1, 2, 3]
+        assert set(losses["task"]) <= {"task-a", "task-b", "pairs"}
+        logged = run.metrics()[["step", "train/loss"]].dropna().set_index("step")["train/loss"]
+        assert losses.set_index("step")["loss"].to_dict() == pytest.approx(logged.to_dict(), rel=1e-6)

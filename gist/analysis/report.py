@@ -2,13 +2,17 @@
 
     from gist.analysis.ablation import load_sweep
     from gist.analysis.report import results_markdown
-    text = results_markdown(sweep_dir, load_sweep(sweep_dir), reference_scores, notes=None, hardware="...")
+    text = results_markdown(sweep_dir, load_sweep(sweep_dir), reference_scores, notes=None, hardware="...",
+                            figures=sweep_figures("docs/figures", sweep_dir.name, relative_to="docs"))
 
-scripts/results.py writes it; notebooks/compare_checkpoints.ipynb shows the same tables and charts.
+scripts/results.py writes it; notebooks/compare_checkpoints.ipynb shows the same tables and charts, and writes
+the charts (SWEEP_FIGURES) that the document embeds.
 """
 
 from __future__ import annotations
 
+import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +47,17 @@ CONTRASTS = [
     ("gist_mpnet_tau005", "gist_mpnet"),
 ]
 GUIDE_VARIANTS = 4  # variants 1-4 of the issue: the guide/loss comparison, the rest are GIST settings
+
+# The sweep's charts notebooks/compare_checkpoints.ipynb writes (file name: caption), in document order. Each
+# PNG names the sweep it was drawn from in its `Source` text chunk (savefig(metadata=...)): a chart of
+# another sweep left in the folder is never embedded under this sweep's tables.
+SWEEP_FIGURES = {
+    "ablation_scores.png": "Fine-tuned minus base model per task (mean ± std over seeds), one bar per variant; "
+    "right, the share of candidate logits masked per variant.",
+    "ablation_task_loss.png": "Training loss per training task (batches are same-task), each job's exponential "
+    "moving average over that task's batches, coloured by variant.",
+}
+FIGURE_SOURCE = "Source"
 
 
 def _pm(mean: float, std: float) -> str:
@@ -172,6 +187,51 @@ def masking_table(rows: list[dict]) -> str:
     return _table(["training task", "candidates C", *(f"{g}, margin {m:g}" for g, m in columns)], body, right_from=1)
 
 
+def png_text(path: str | Path) -> dict[str, str]:
+    """A PNG's tEXt chunks, {keyword: text} (matplotlib's `savefig(metadata=...)` writes them); {} for a file
+    that is not a PNG. Read without an image library: rendering the document needs none."""
+    data = Path(path).read_bytes()
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        return {}
+    out, pos = {}, 8
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        if kind == b"tEXt":
+            key, _, value = data[pos + 8 : pos + 8 + length].partition(b"\0")
+            out[key.decode("latin-1")] = value.decode("latin-1")
+        elif kind == b"IEND":
+            break
+        pos += 12 + length  # length, type, data, CRC
+    return out
+
+
+def sweep_figures(figures_dir: str | Path, sweep_name: str, relative_to: str | Path) -> list[tuple[str, str]]:
+    """(link, caption) of each SWEEP_FIGURES file in `figures_dir` drawn from the sweep `sweep_name` (its
+    `Source` text), in SWEEP_FIGURES order; links relative to `relative_to`, the folder the document is
+    written to. Missing figures, and figures of another sweep, are left out."""
+    found = []
+    for name, caption in SWEEP_FIGURES.items():
+        path = Path(figures_dir) / name
+        if path.is_file() and png_text(path).get(FIGURE_SOURCE) == sweep_name:
+            found.append((Path(os.path.relpath(path, relative_to)).as_posix(), caption))
+    return found
+
+
+def figures_section(figures: list[tuple[str, str]]) -> list[str]:
+    """Markdown lines embedding (link, caption) figures, or none."""
+    if not figures:
+        return []
+    out = [
+        "## Figures",
+        "",
+        "Drawn from this sweep's run folders by notebooks/compare_checkpoints.ipynb (its last section).",
+        "",
+    ]
+    for link, caption in figures:
+        out += [f"![{caption}]({link})", "", f"*{caption}*", ""]
+    return out
+
+
 def _recipe(cfg: dict) -> str:
     """One sentence on what every job trained: student, steps, batch, lr, and the data (from a job's config)."""
     data = cfg["data"]
@@ -205,10 +265,11 @@ def results_markdown(
     hw: str,
     shown: str | None = None,
     masking: list[dict] | None = None,
+    figures: list[tuple[str, str]] | None = None,
 ) -> str:
     """The whole of docs/RESULTS.md. reference: data/mteb/reference_scores.json's content (or {}); notes: the
     hand-written reading (or None); hw: the hardware line; shown: how to name the sweep folder; masking:
-    scripts/guide_masking.py's JSON rows (or None)."""
+    scripts/guide_masking.py's JSON rows (or None); figures: (link, caption) to embed (sweep_figures, or None)."""
     sweep_dir = Path(sweep_dir)
     order = variant_order(jobs)
     scores = scores_frame(jobs)
@@ -321,6 +382,7 @@ def results_markdown(
             masking_table(masking),
             "",
         ]
+    out += figures_section(figures or [])
     if notes:
         out += ["## Reading", "", notes.strip(), ""]
     return "\n".join(out)

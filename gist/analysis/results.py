@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from gist.analysis import ablation as ab
-from gist.analysis.report import results_markdown
+from gist.analysis.report import results_markdown, sweep_figures
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -97,6 +97,8 @@ def write_results(
         hardware_line or hardware(),
         shown=str(shown),
         masking=_json_or_none(masking),
+        # The notebook's charts of this sweep, when it has written them (notebooks/compare_checkpoints.ipynb).
+        figures=sweep_figures(ROOT / "docs" / "figures", sweep_dir.name, Path(output).parent),
     )
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     Path(output).write_text(text)

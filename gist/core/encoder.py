@@ -34,6 +34,8 @@ from torch import Tensor, nn
 from transformers import AutoConfig
 
 from gist.core.inputs import TextInputs
+from gist.infra.progress import progress as bar
+from gist.infra.progress import quiet_library_bars
 
 log = logging.getLogger(__name__)
 
@@ -276,9 +278,11 @@ class Encoder(nn.Module):
         device: torch.device | str | None = None,
         role: str | None = None,
         prompt: str | None = None,
+        progress: str | None = None,
     ) -> Tensor:
         """Embed texts in length-sorted batches (less padding); returns (N, d) fp32 on CPU, input order.
-        The prompt: `prompt` if given, else the prompt of `role` ("query" / "document"), else none."""
+        The prompt: `prompt` if given, else the prompt of `role` ("query" / "document"), else none.
+        `progress`: the label of a progress bar (shown on a terminal only)."""
         if prompt is None:
             prompt = self.inputs.prompt(role) if role is not None else ""
         was_training = self.training
@@ -286,10 +290,13 @@ class Encoder(nn.Module):
         device = device or next(self.parameters()).device
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
         out = torch.empty(len(texts), self.dim)
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            features = {k: v.to(device) for k, v in self.tokenize([texts[i] for i in idx], prompt).items()}
-            out[idx] = self(features).float().cpu()
+        with bar(len(texts), progress or "encoding") as shown:
+            shown.disable = shown.disable or progress is None
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                features = {k: v.to(device) for k, v in self.tokenize([texts[i] for i in idx], prompt).items()}
+                out[idx] = self(features).float().cpu()
+                shown.update(len(idx))
         self.train(was_training)
         return out
 
@@ -337,6 +344,7 @@ def load_sentence_transformer(name: str, revision: str | None, trust_remote_code
     that says what to do when the model is not available or needs remote code."""
     from sentence_transformers import SentenceTransformer
 
+    quiet_library_bars()
     kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
     try:
         AutoConfig.from_pretrained(name, **kwargs)  # cheap: fails fast before any weights move

@@ -189,7 +189,7 @@ class GuideCache:
                 by_prompt.setdefault(unique[i][0], []).append(int(i))
             for prompt, idx in by_prompt.items():
                 texts = [unique[i][1] for i in idx]
-                self.add(ids[idx], encoder.encode(texts, batch_size=batch_size, prompt=prompt))
+                self.add(ids[idx], encoder.encode(texts, batch_size=batch_size, prompt=prompt, progress="guide cache"))
             self.flush()
         return len(todo)
 

@@ -20,10 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gist.data.records import DataError, iter_records
-from gist.evaluation.tasks import COLUMNS, eval_split, read_meta, task_dirs
+from gist.evaluation.tasks import COLUMNS, TEXTS, eval_split, read_meta, split_files, task_dirs
 
 TRAIN_FIELDS = ("query", "pos", "neg")
-TEXT_COLUMNS = {task_type: [c for c, t in cols.items() if t is str] for task_type, cols in COLUMNS.items()}
+# The columns holding texts (a string, or a list of strings), per task type; Retrieval: its BEIR files.
+TEXT_COLUMNS = {
+    task_type: [c for c, t in cols.items() if t is str or t == (TEXTS, str)] for task_type, cols in COLUMNS.items()
+}
+RETRIEVAL_TEXT_COLUMNS = {"corpus.jsonl": ["title", "text"], "queries.jsonl": ["text"]}
 
 
 def normalize(text: str) -> str:
@@ -66,18 +70,33 @@ def eval_texts(
     for task_dir in task_dirs(data_dir, tasks):
         meta = read_meta(task_dir)
         for split in splits or [eval_split(task_dir, meta)]:
-            path = task_dir / f"{split}.jsonl"
-            if not path.is_file():
+            files = split_files(task_dir, split, meta["type"])
+            if not all(p.is_file() for p in files):
                 continue  # e.g. splits=[validation] for a task that has none
             texts = []
-            for row_no, record in iter_records(path):
-                for column in TEXT_COLUMNS[meta["type"]]:
-                    value = record.get(column) if isinstance(record, dict) else None
-                    if not isinstance(value, str):
-                        raise DataError(f"{path}: row {row_no}: column {column!r} must be a string")
-                    texts.append(Text(value, f"{path}: row {row_no}, {column}"))
+            for path in files:
+                if path.suffix != ".jsonl":
+                    continue  # qrels: ids only
+                columns = (
+                    RETRIEVAL_TEXT_COLUMNS[path.name] if meta["type"] == "Retrieval" else TEXT_COLUMNS[meta["type"]]
+                )
+                texts += _texts_of(path, columns, optional={"title"})
             out[f"{task_dir.name}/{split}"] = texts
     return out
+
+
+def _texts_of(path: Path, columns: list[str], optional: set[str]) -> list[Text]:
+    texts = []
+    for row_no, record in iter_records(path):
+        for column in columns:
+            value = record.get(column) if isinstance(record, dict) else None
+            if value is None and column in optional:
+                continue
+            values = value if isinstance(value, list) else [value]
+            if not values or not all(isinstance(v, str) for v in values):
+                raise DataError(f"{path}: row {row_no}: column {column!r} must be a string or a list of strings")
+            texts += [Text(v, f"{path}: row {row_no}, {column}") for v in values if v]
+    return texts
 
 
 def eval_keys(data_dir: str | Path, splits: list[str] | None = None) -> set[str]:

@@ -205,7 +205,7 @@ class MinedTriplets:
             texts, labels = [texts[i] for i in pick], [labels[i] for i in pick]
         encoder = Encoder(**self.guide)
         log.info("mining %s: embedding %d texts with %s", self.task_name, len(texts), self.guide["name"])
-        embeddings = encoder.encode(texts, batch_size=self.batch_size)
+        embeddings = encoder.encode(texts, batch_size=self.batch_size, progress=f"mining {self.task_dir.name}")
         if self.guide_cache_dir is not None:
             from gist.core.guide_cache import GuideCache
             from gist.data.records import text_id

@@ -144,7 +144,12 @@ def _mteb_wrapper(model: EvalModel):
             unique = list(dict.fromkeys(texts))
             start = time.perf_counter()
             prompt = get_prompt(self.model_prompts, task_metadata, prompt_type) or ""
-            emb = self.model.encode(unique, batch_size=kwargs.get("batch_size", 64), prompt=prompt)  # (U, d) unit norm
+            emb = self.model.encode(  # (U, d) unit norm
+                unique,
+                batch_size=kwargs.get("batch_size", 64),
+                prompt=prompt,
+                progress=getattr(task_metadata, "name", None) or "encoding",
+            )
             if model.truncate_dim:
                 emb = torch.nn.functional.normalize(emb[:, : model.truncate_dim], dim=-1)
             self.seconds += time.perf_counter() - start

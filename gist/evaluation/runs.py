@@ -1,17 +1,20 @@
 """Runs of scripts/train.py read back from their Hydra output folders; nothing here trains.
 
-A run folder holds `config.yaml` (resolved), `checkpoints/`, `csv/metrics.csv`, the exported `model/`
-and, after evaluation, `eval/<label>.json` ({task: main score x 100}) with `<label>.details.json`
-beside it (labels: `base`, `fine_tuned`, checkpoint names). Single runs live in
+A run folder holds `config.yaml` (resolved), `checkpoints/`, `csv/metrics.csv`, `train_steps.jsonl` (each
+training batch's task and loss, gist.infra.callbacks.TrainSteps), the exported `model/` and, after evaluation,
+`eval/<label>.json` ({task: main score x 100}) with `<label>.details.json` beside it (labels: `base`,
+`fine_tuned`, checkpoint names). Single runs live in
 `<log_dir>/<task_name>/runs/<time>/`, multirun jobs in `<log_dir>/<task_name>/multiruns/<time>/<job>/`.
 
-    from gist.evaluation.runs import list_runs, runs_table
+    from gist.evaluation.runs import list_runs, results_frame, runs_table, smooth_losses
     runs = list_runs("logs")              # oldest first
     runs_table(runs)                      # one row per run: task, tags, model, lr, steps, best val, ...
     run = runs[-1]
     run.metrics()                         # csv/metrics.csv as a DataFrame
     run.load_model()                      # the exported model as an Encoder; run.load_model("last")
     run.results()                         # {"base": {...}, "fine_tuned": {...}, ...}
+    results_frame(runs)                   # every saved score of the runs, each base model once
+    smooth_losses(run.task_losses())      # step, task, loss, smoothed: the training loss per task
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from gist.core.encoder import Encoder
 from gist.infra.compat import upgrade_config
 
 RUN_PATTERNS = ("*/runs/*/config.yaml", "*/multiruns/*/*/config.yaml")
+TRAIN_STEPS = "train_steps.jsonl"  # gist.infra.callbacks.TrainSteps (conf/callbacks/default.yaml)
 STEP_RE = re.compile(r"step(\d+)")
 SCORE_RE = re.compile(r"spearman(-?\d+(?:\.\d+)?)")
 
@@ -130,6 +134,11 @@ class Run:
         path = self.path / "csv" / "metrics.csv"
         return pd.read_csv(path) if path.is_file() else pd.DataFrame()
 
+    def task_losses(self):
+        """The run's training loss per batch with the batch's task (read_task_losses of its train_steps.jsonl):
+        columns step, task, loss; empty for a run trained before that file existed."""
+        return read_task_losses(self.path / TRAIN_STEPS)
+
     def summary(self) -> dict:
         cfg = self.config
         metrics = self.metrics()
@@ -196,6 +205,25 @@ class Run:
     def details(self, label: str) -> dict:
         return json.loads((self.path / "eval" / f"{label}.details.json").read_text())
 
+    def model_step(self, label: str) -> int | None:
+        """The training step of an evaluated model (`fine_tuned`, a checkpoint label), from its saved details,
+        else from the label; None for `base` or when unknown. Reads no checkpoint."""
+        path = self.path / "eval" / f"{label}.details.json"
+        step = json.loads(path.read_text())["model"].get("step") if path.is_file() else None
+        if step is not None:
+            return int(step)
+        match = STEP_RE.match(label)
+        return int(match.group(1)) if match else None
+
+    def base_label(self) -> str:
+        """`name@revision` (12 characters) of the base model that eval/base.json scored, else the config's
+        model name: runs that started from the same weights share it."""
+        path = self.path / "eval" / "base.details.json"
+        if path.is_file():
+            model = json.loads(path.read_text())["model"]
+            return f"{model['name']}@{str(model['revision'])[:12]}"
+        return str(OmegaConf.select(self.config, "model.name"))
+
 
 def load_run(path: str | Path) -> Run:
     path = Path(path)
@@ -221,3 +249,73 @@ def runs_table(runs: list[Run]):
     import pandas as pd
 
     return pd.DataFrame([r.summary() for r in runs])
+
+
+RESULT_COLUMNS = ["run", "model", "base", "step"]  # then one column per task
+
+
+def results_frame(runs: list[Run]):
+    """Every evaluation saved in the runs' eval/ folders (nothing is evaluated here) as one DataFrame: first
+    each base model once, however many runs started from it (run `base`, model its `name@revision`), then
+    each run's models (checkpoints by step, then the exported `fine_tuned`). Columns RESULT_COLUMNS (`base`:
+    the model of the row's base row, for deltas), then one per task (main score x 100, NaN where missing)."""
+    import pandas as pd
+
+    bases: dict[tuple, str] = {}  # (base label, its scores) -> its row's model name
+    base_rows, rows = [], []
+    for run in runs:
+        results = run.results()
+        base = None
+        if "base" in results:
+            key = (run.base_label(), tuple(sorted(results["base"].items())))
+            if key not in bases:
+                # The same weights scored differently (other task data): a second row, named after its run.
+                taken = key[0] in bases.values()
+                bases[key] = f"{key[0]} ({run.id})" if taken else key[0]
+                base_rows.append({"run": "base", "model": bases[key], "base": None, "step": 0, **results["base"]})
+            base = bases[key]
+        labels = sorted(
+            (label for label in results if label != "base"),
+            key=lambda label: (label == "fine_tuned", run.model_step(label) or 0, label),
+        )
+        for label in labels:
+            step = run.model_step(label)
+            rows.append({"run": run.id, "model": label, "base": base, "step": step, **results[label]})
+    frame = pd.DataFrame(base_rows + rows)
+    tasks = sorted(c for c in frame.columns if c not in RESULT_COLUMNS)
+    return frame.reindex(columns=RESULT_COLUMNS + tasks)
+
+
+def read_task_losses(path: str | Path):
+    """A gist.infra.callbacks.TrainSteps file as a DataFrame with columns step, task, loss, one row per
+    training batch, ordered by step. A step that a resumed run trained again keeps its last record (the
+    one the run continued from); a line a crash cut short is skipped. Missing file: no rows."""
+    import pandas as pd
+
+    path = Path(path)
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # the write a SIGKILL interrupted; the next append starts a new line
+            continue
+    frame = pd.DataFrame(records, columns=["step", "task", "loss", "position"])
+    # Under gradient accumulation several batches share a step: their stream positions tell them apart.
+    frame["_batch"] = frame["position"].map(lambda p: tuple(p) if isinstance(p, list) else p)
+    frame = frame.drop_duplicates(subset=["step", "_batch"], keep="last")
+    frame = frame.sort_values("step", kind="stable").reset_index(drop=True)
+    return frame.astype({"step": int, "loss": float})[["step", "task", "loss"]]
+
+
+def smooth_losses(losses, halflife: float = 5.0):
+    """`losses` (Run.task_losses) with a `smoothed` column: each task's exponential moving average over its
+    own batches (`halflife` in that task's batches). Per task, because same-task batches of different loss
+    levels (a pair task near 0, triplet tasks far higher) alternate and hide each task's trend in one
+    curve; bias-corrected (pandas' adjust=True), so a curve does not start from 0."""
+    if halflife <= 0:
+        raise ValueError(f"halflife must be > 0 batches, got {halflife}")
+    out = losses.sort_values("step", kind="stable").reset_index(drop=True)
+    out["smoothed"] = out.groupby("task", sort=False, dropna=False)["loss"].transform(
+        lambda s: s.ewm(halflife=halflife).mean()
+    )
+    return out

@@ -1,15 +1,27 @@
 """Task folders in the MTEB layout as `mteb` tasks, evaluated by mteb's own task code.
 
-A task folder holds `<split>.jsonl` files and a `meta.json` with `type` ("STS" or "Classification"),
-optionally `eval_split` (default "test"), `subset` (the hf subset of a multilingual mteb task, e.g.
-"en"), `main_score`, and for STS `min_score`/`max_score`. The folder name is the task name.
+A task folder holds its data and a `meta.json` with `type` (one of TASK_TYPES), optionally `eval_split`
+(default "test"), `subset` (the hf subset of a multilingual mteb task, e.g. "en"), `main_score`, and
+`min_score`/`max_score` for STS and Summarization. The folder name is the task name. Layouts:
 
-- A name mteb knows (STSBenchmark, Banking77Classification, ...) becomes a subclass of mteb's OWN task
-  class (`type(mteb.get_task(name))`) that overrides only the data loading: the protocol stays mteb's
-  (samples_per_label, n_experiments, classifier, seed, score normalisation). Copying only the metadata
-  into a generic task silently uses samples_per_label 8 and loses 4-8 points (see LOG.md).
-- Any other name becomes a generic `AbsTaskSTS` / `AbsTaskClassification` described by its meta.json,
-  so a new folder of the same layout needs no code change.
+- STS: `<split>.jsonl` rows `sentence1`, `sentence2`, `score`;
+- Classification: `<split>.jsonl` rows `text`, `label` (and the train split the classifier learns on);
+- Retrieval: BEIR's layout: `corpus.jsonl` (`_id`, `title`, `text`), `queries.jsonl` (`_id`, `text`),
+  `qrels/<split>.tsv` (`query-id`, `corpus-id`, `score`, with a header);
+- Reranking: `<split>.jsonl` rows `query`, `positive` (list), `negative` (list);
+- PairClassification: `<split>.jsonl` rows `sentence1`, `sentence2`, `label` (0/1);
+- Clustering: `<split>.jsonl` rows `sentences` (list), `labels` (list): one clustering per row;
+- Summarization: `<split>.jsonl` rows `text`, `human_summaries` (list), `machine_summaries` (list),
+  `relevance` (list of floats, one per machine summary), as in MTEB's SummEval.
+
+- A name mteb knows (STSBenchmark, Banking77Classification, SciFact, SummEval, ...) becomes a subclass
+  of mteb's OWN task class (`type(mteb.get_task(name))`) that overrides only the data loading: the
+  protocol stays mteb's (samples_per_label, n_experiments, classifier, seed, k values, score
+  normalisation). Copying only the metadata into a generic task silently uses samples_per_label 8 and
+  loses 4-8 points (see LOG.md).
+- Any other name becomes a generic task of its `type` (`AbsTaskSTS`, `AbsTaskClassification`,
+  `AbsTaskRetrieval`, `AbsTaskPairClassification`, `AbsTaskClusteringLegacy`, `AbsTaskSummarization`),
+  described by its meta.json, so a new folder of any of these layouts needs no code change.
 
     tasks = load_tasks("data/mteb")                       # every task folder under data/mteb
     tasks = load_tasks("data/mteb", ["STSBenchmark"])     # some of them
@@ -18,19 +30,40 @@ optionally `eval_split` (default "test"), `subset` (the hf subset of a multiling
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 from pathlib import Path
 
 from gist.data.records import DataError, iter_records
 
-TASK_TYPES = ("STS", "Classification")
-DEFAULT_MAIN_SCORE = {"STS": "cosine_spearman", "Classification": "accuracy"}
-# Columns a split must have, and their types, per task type.
+TASK_TYPES = ("STS", "Classification", "Retrieval", "Reranking", "PairClassification", "Clustering", "Summarization")
+DEFAULT_MAIN_SCORE = {
+    "STS": "cosine_spearman",
+    "Classification": "accuracy",
+    "Retrieval": "ndcg_at_10",
+    "Reranking": "map_at_1000",
+    "PairClassification": "max_ap",
+    "Clustering": "v_measure",
+    "Summarization": "cosine_spearman",
+}
+TEXTS = list  # a column holding a list (of the types given beside it)
+# Columns a `<split>.jsonl` row must have, and their types, per task type (Retrieval: see read_retrieval).
 COLUMNS = {
     "STS": {"sentence1": str, "sentence2": str, "score": (int, float)},
     "Classification": {"text": str, "label": (int, str)},
+    "Reranking": {"query": str, "positive": (TEXTS, str), "negative": (TEXTS, str)},
+    "PairClassification": {"sentence1": str, "sentence2": str, "label": int},
+    "Clustering": {"sentences": (TEXTS, str), "labels": (TEXTS, (int, str))},
+    "Summarization": {
+        "text": str,
+        "human_summaries": (TEXTS, str),
+        "machine_summaries": (TEXTS, str),
+        "relevance": (TEXTS, (int, float)),
+    },
 }
+# Our column name -> the column mteb's task reads.
+RENAME = {"PairClassification": {"label": "labels"}}
 
 
 def is_task_dir(path: Path) -> bool:
@@ -68,13 +101,33 @@ def eval_split(task_dir: Path, meta: dict | None = None) -> str:
     return (meta or read_meta(task_dir)).get("eval_split", "test")
 
 
-def data_digest(task_dir: Path, splits: list[str]) -> str:
+def split_files(task_dir: Path, split: str, task_type: str) -> list[Path]:
+    """The files one split of a task reads."""
+    if task_type == "Retrieval":
+        return [task_dir / "corpus.jsonl", task_dir / "queries.jsonl", task_dir / "qrels" / f"{split}.tsv"]
+    return [task_dir / f"{split}.jsonl"]
+
+
+def data_digest(task_dir: Path, splits: list[str], task_type: str | None = None) -> str:
     """Content hash of a task's split files and meta.json: results follow the data, not the path."""
+    task_type = task_type or read_meta(task_dir)["type"]
+    files = [
+        task_dir / "meta.json",
+        *dict.fromkeys(f for s in sorted(splits) for f in split_files(task_dir, s, task_type)),
+    ]
     digest = hashlib.sha256()
-    for name in ["meta.json", *(f"{s}.jsonl" for s in sorted(splits))]:
-        digest.update(name.encode())
-        digest.update((task_dir / name).read_bytes())
+    for path in files:
+        digest.update(str(path.relative_to(task_dir)).encode())
+        with path.open("rb") as f:  # in chunks: a retrieval corpus can be large
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
     return digest.hexdigest()[:16]
+
+
+def _check_type(value, types) -> bool:
+    if isinstance(types, tuple) and types and types[0] is TEXTS:
+        return isinstance(value, list) and all(_check_type(v, types[1]) for v in value)
+    return isinstance(value, types) and not isinstance(value, bool)
 
 
 def read_split(task_dir: Path, split: str, task_type: str) -> dict[str, list]:
@@ -92,12 +145,123 @@ def read_split(task_dir: Path, split: str, task_type: str) -> dict[str, list]:
             if column not in record:
                 raise DataError(f"{where}: missing column {column!r} ({task_type} rows need {sorted(columns)})")
             value = record[column]
-            if not isinstance(value, types) or isinstance(value, bool):
-                raise DataError(f"{where}: column {column!r} has type {type(value).__name__}")
+            if not _check_type(value, types):
+                described = (
+                    "a list of the expected type" if isinstance(types, tuple) and types[0] is TEXTS else "another type"
+                )
+                raise DataError(f"{where}: column {column!r} has type {type(value).__name__} ({described} expected)")
             out[column].append(value)
+        _check_row(task_type, record, where)
     if not out[next(iter(columns))]:
         raise DataError(f"{path}: no rows")
     return out
+
+
+def _check_row(task_type: str, record: dict, where: str) -> None:
+    """What the column types cannot say: labels 0/1, one relevance per machine summary, aligned lists."""
+    if task_type == "PairClassification" and record["label"] not in (0, 1):
+        raise DataError(f"{where}: column 'label' must be 0 or 1, got {record['label']!r}")
+    if task_type == "Summarization" and len(record["relevance"]) != len(record["machine_summaries"]):
+        raise DataError(f"{where}: 'relevance' needs one score per machine summary")
+    if task_type == "Clustering" and len(record["sentences"]) != len(record["labels"]):
+        raise DataError(f"{where}: 'sentences' and 'labels' differ in length")
+    if task_type == "Reranking" and not (record["positive"] and record["negative"]):
+        raise DataError(f"{where}: a reranking row needs at least one positive and one negative")
+
+
+def _read_jsonl_ids(path: Path, fields: tuple[str, ...]) -> dict[str, list]:
+    """A BEIR corpus / queries file as columns; `_id` becomes `id` (a string), other fields as given."""
+    if not path.is_file():
+        raise DataError(
+            f"{path}: file not found (a Retrieval task needs corpus.jsonl, queries.jsonl, qrels/<split>.tsv)"
+        )
+    out: dict[str, list] = {"id": [], **{f: [] for f in fields}}
+    seen: set[str] = set()
+    for row_no, record in iter_records(path):
+        where = f"{path}: row {row_no}"
+        if not isinstance(record, dict) or "_id" not in record:
+            raise DataError(f"{where}: expected a JSON object with an '_id'")
+        doc_id = str(record["_id"])
+        if doc_id in seen:
+            raise DataError(f"{where}: duplicate _id {doc_id!r}")
+        seen.add(doc_id)
+        out["id"].append(doc_id)
+        for field in fields:
+            value = record.get(field, "" if field == "title" else None)
+            if not isinstance(value, str):
+                raise DataError(f"{where}: column {field!r} must be a string, got {type(value).__name__}")
+            out[field].append(value)
+    return out
+
+
+def read_qrels(path: Path) -> dict[str, dict[str, int]]:
+    """BEIR qrels (`query-id`, `corpus-id`, `score`, tab-separated, with a header) -> {query: {doc: score}}."""
+    if not path.is_file():
+        raise DataError(f"{path}: qrels file not found (a Retrieval task needs qrels/<split>.tsv)")
+    qrels: dict[str, dict[str, int]] = {}
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = csv.reader(f, delimiter="\t")
+        header = next(rows, None)
+        if header != ["query-id", "corpus-id", "score"]:
+            raise DataError(f"{path}: row 1: the header must be query-id, corpus-id, score; got {header}")
+        for row_no, row in enumerate(rows, start=2):
+            try:
+                query_id, doc_id, score = row
+                qrels.setdefault(query_id, {})[doc_id] = int(score)
+            except ValueError:
+                raise DataError(
+                    f"{path}: row {row_no}: expected query-id, corpus-id, integer score; got {row}"
+                ) from None
+    if not qrels:
+        raise DataError(f"{path}: no rows")
+    return qrels
+
+
+def read_retrieval(task_dir: Path, split: str) -> dict:
+    """A BEIR-layout folder -> mteb's retrieval split: corpus and queries as datasets, qrels as a dict.
+    Queries without a relevant document are left out (as mteb's own loader does); every judged document
+    must be in the corpus."""
+    from datasets import Dataset
+    from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
+
+    corpus = _read_jsonl_ids(task_dir / "corpus.jsonl", ("title", "text"))
+    queries = _read_jsonl_ids(task_dir / "queries.jsonl", ("text",))
+    qrels = read_qrels(task_dir / "qrels" / f"{split}.tsv")
+    doc_ids = set(corpus["id"])
+    unknown = sorted({d for docs in qrels.values() for d in docs} - doc_ids)
+    if unknown:
+        raise DataError(f"{task_dir / 'qrels' / f'{split}.tsv'}: corpus-ids not in corpus.jsonl: {unknown[:5]}")
+    missing = sorted(set(qrels) - set(queries["id"]))
+    if missing:
+        raise DataError(f"{task_dir / 'qrels' / f'{split}.tsv'}: query-ids not in queries.jsonl: {missing[:5]}")
+    keep = [i for i, q in enumerate(queries["id"]) if q in qrels]
+    queries = {k: [v[i] for i in keep] for k, v in queries.items()}
+    return RetrievalSplitData(
+        corpus=Dataset.from_dict(corpus), queries=Dataset.from_dict(queries), relevant_docs=qrels, top_ranked=None
+    )
+
+
+def reranking_split(columns: dict[str, list], split: str) -> dict:
+    """Reranking rows (query, positive list, negative list) -> mteb's retrieval split with each query's
+    candidates as its top-ranked list (positives relevance 1, negatives 0), with the document ids mteb
+    gives the same rows (`AbsTaskReranking`: positives first)."""
+    from datasets import Dataset
+    from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
+
+    corpus, queries, qrels, top_ranked = [], [], {}, {}
+    for i, (query, positives, negatives) in enumerate(zip(columns["query"], columns["positive"], columns["negative"])):
+        query_id = f"{split}_query{i}"
+        queries.append({"id": query_id, "text": query})
+        qrels[query_id], top_ranked[query_id] = {}, []
+        for kind, docs, relevance in (("apositive", positives, 1), ("negative", negatives, 0)):
+            for j, doc in enumerate(docs):
+                doc_id = f"{kind}_{query_id}_{j:05d}"
+                corpus.append({"id": doc_id, "title": "", "text": doc})
+                qrels[query_id][doc_id] = relevance
+                top_ranked[query_id].append(doc_id)
+    return RetrievalSplitData(
+        corpus=Dataset.from_list(corpus), queries=Dataset.from_list(queries), relevant_docs=qrels, top_ranked=top_ranked
+    )
 
 
 class _ColumnsAsLists:
@@ -151,7 +315,22 @@ class _LocalData:
         if self.data_loaded:
             return
         task_type = self.metadata.type
-        data = DatasetDict({s: Dataset.from_dict(read_split(self.task_dir, s, task_type)) for s in self.data_splits()})
+        if task_type in ("Retrieval", "Reranking"):
+            # mteb's retrieval tasks hold {subset: {split: RetrievalSplitData}}, whatever the language count.
+            if task_type == "Retrieval":
+                splits = {s: read_retrieval(self.task_dir, s) for s in self.eval_splits}
+            else:
+                splits = {s: reranking_split(read_split(self.task_dir, s, task_type), s) for s in self.eval_splits}
+            self.dataset = {subset: splits for subset in self.hf_subsets}
+            self.data_loaded = True
+            return
+        rename = RENAME.get(task_type, {})
+        data = DatasetDict(
+            {
+                s: Dataset.from_dict({rename.get(k, k): v for k, v in read_split(self.task_dir, s, task_type).items()})
+                for s in self.data_splits()
+            }
+        )
         # Multilingual mteb tasks hold {subset: DatasetDict}; the folder holds one subset (meta "subset").
         self.dataset = {s: data for s in self.hf_subsets} if self.metadata.is_multilingual else data
         self.dataset_transform(num_proc=num_proc)
@@ -163,20 +342,43 @@ class _LocalData:
         return list(dict.fromkeys([*self.eval_splits, *extra]))
 
 
-def _generic_class(task_dir: Path, meta: dict, split: str):
+CATEGORY = {"Classification": "t2c", "Clustering": "t2c"}  # the rest compare texts with texts: "t2t"
+
+
+def _generic_base(task_type: str) -> type:
     from mteb.abstasks.classification import AbsTaskClassification
+    from mteb.abstasks.clustering_legacy import AbsTaskClusteringLegacy
+    from mteb.abstasks.pair_classification import AbsTaskPairClassification
+    from mteb.abstasks.retrieval import AbsTaskRetrieval
     from mteb.abstasks.sts import AbsTaskSTS
+    from mteb.abstasks.text.summarization import AbsTaskSummarization
+
+    return {
+        "STS": AbsTaskSTS,
+        "Classification": AbsTaskClassification,
+        "Retrieval": AbsTaskRetrieval,
+        "Reranking": AbsTaskRetrieval,
+        "PairClassification": AbsTaskPairClassification,
+        "Clustering": AbsTaskClusteringLegacy,
+        "Summarization": AbsTaskSummarization,
+    }[task_type]
+
+
+def needed_splits(meta: dict, split: str) -> list[str]:
+    return [split, "train"] if meta["type"] == "Classification" else [split]
+
+
+def _generic_class(task_dir: Path, meta: dict, split: str):
     from mteb.abstasks.task_metadata import TaskMetadata
 
     task_type = meta["type"]
-    splits = [split, "train"] if task_type == "Classification" else [split]
     metadata = TaskMetadata(
         name=task_dir.name,
         description=f"Local task folder {task_dir}",
         # The data digest stands in for the dataset revision: results record which data they came from.
-        dataset={"path": str(task_dir), "revision": data_digest(task_dir, splits)},
+        dataset={"path": str(task_dir), "revision": data_digest(task_dir, needed_splits(meta, split), task_type)},
         type=task_type,
-        category="t2t" if task_type == "STS" else "t2c",
+        category=CATEGORY.get(task_type, "t2t"),
         modalities=["text"],
         eval_splits=[split],
         eval_langs=meta.get("eval_langs", ["eng-Latn"]),
@@ -184,13 +386,13 @@ def _generic_class(task_dir: Path, meta: dict, split: str):
     )
     attrs = {"metadata": metadata, "__module__": __name__}
     if task_type == "STS":
-        base = AbsTaskSTS
         attrs.update(min_score=meta.get("min_score", 0), max_score=meta.get("max_score", 5))
-    else:
-        base = AbsTaskClassification
+    elif task_type == "Summarization":
+        attrs.update(min_score=meta.get("min_score", 0), max_score=meta.get("max_score", 5))
+    elif task_type == "Classification":
         # mteb's default protocol unless the folder says otherwise.
         attrs.update({k: meta[k] for k in ("samples_per_label", "n_experiments") if k in meta})
-    return type(task_dir.name, (base,), attrs)
+    return type(task_dir.name, (_generic_base(task_type),), attrs)
 
 
 def local_task(task_dir: str | Path):
@@ -200,12 +402,14 @@ def local_task(task_dir: str | Path):
     task_dir = Path(task_dir)
     meta = read_meta(task_dir)
     split = eval_split(task_dir, meta)
-    for needed in [split, "train"] if meta["type"] == "Classification" else [split]:
-        if not (task_dir / f"{needed}.jsonl").is_file():
-            raise DataError(
-                f"{task_dir / f'{needed}.jsonl'}: split file not found (a {meta['type']} task needs "
-                f"its eval split{' and train split' if needed == 'train' else ''})"
-            )
+    for needed in needed_splits(meta, split):
+        for path in split_files(task_dir, needed, meta["type"]):
+            if not path.is_file():
+                raise DataError(
+                    f"{path}: file not found (a {meta['type']} task needs "
+                    f"{'corpus.jsonl, queries.jsonl and qrels/<split>.tsv for ' if meta['type'] == 'Retrieval' else ''}"
+                    f"its eval split{' and train split' if needed == 'train' else ''})"
+                )
     try:
         known = mteb.get_task(task_dir.name)
     except KeyError:

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 from lightning.pytorch import Callback
+
+
+def append_jsonl(path: str | Path, records: list[dict]) -> None:
+    """Append one JSON line per record to `path` (its folder created), flushed when the file closes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
 
 
 class Throughput(Callback):
@@ -55,11 +65,6 @@ class BatchLog(Callback):
         self.dir = dir
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        import json
-        from pathlib import Path
-
-        path = Path(self.dir) / f"rank{trainer.global_rank}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
         record = {
             "step": trainer.global_step,
             "epoch": trainer.current_epoch,
@@ -68,5 +73,59 @@ class BatchLog(Callback):
             "task": batch.task,
             "anchor_ids": batch.text_ids["anchor"].tolist(),
         }
-        with path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(Path(self.dir) / f"rank{trainer.global_rank}.jsonl", [record])
+
+
+class TrainSteps(Callback):
+    """Appends one JSON line per training batch to `path` (`<run_dir>/train_steps.jsonl` in
+    conf/callbacks/default.yaml), on global rank 0 only: `{"step", "task", "loss", "position"}`, the step
+    being the optimizer step the batch trains (metrics.csv's `step`), `loss` rank 0's `train/loss`, and
+    `position` the batch's (epoch, index) in the training stream. Batches are same-task, so this splits
+    `train/loss` by task, which metrics.csv cannot (it mixes tasks of different loss levels, and logs every
+    `log_every_n_steps` only); read it with `gist.evaluation.runs.Run.task_losses`.
+
+    Losses stay on their device until `flush_every` batches are buffered: one host sync and one file append
+    per flush, not per step. A crash loses at most the unflushed batches; a resumed run appends the steps it
+    repeats again, and the reader keeps the last record of each (step, position)."""
+
+    def __init__(self, path: str, flush_every: int = 50) -> None:
+        if flush_every < 1:
+            raise ValueError(f"flush_every must be >= 1, got {flush_every}")
+        self.path = path
+        self.flush_every = flush_every
+        self._pending: list[tuple[dict, object]] = []  # (record without loss, detached loss tensor)
+        self._step: int | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._step = trainer.global_step  # at batch end the optimizer has stepped and global_step moved on
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not trainer.is_global_zero or loss is None:
+            return
+        position = getattr(batch, "position", None)
+        record = {
+            "step": self._step,
+            "task": getattr(batch, "task", None),
+            "position": list(position) if position is not None else None,
+        }
+        # Lightning hands over the loss divided by accumulate_grad_batches (what backward saw): undo it.
+        self._pending.append((record, loss.detach() * trainer.accumulate_grad_batches))
+        if len(self._pending) >= self.flush_every:
+            self.flush()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.flush()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self.flush()  # the steps before a failure are the ones worth reading
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        import torch
+
+        losses = torch.stack([loss.float().reshape(()) for _, loss in self._pending]).tolist()
+        records = [{**record, "loss": loss} for (record, _), loss in zip(self._pending, losses)]
+        self._pending = []
+        append_jsonl(self.path, records)

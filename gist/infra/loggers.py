@@ -43,7 +43,8 @@ class WandbLogger(_LightningWandbLogger):
         import wandb
 
         run = self.experiment
-        artifact = wandb.Artifact(f"model-{run.id}", type="model", metadata=metadata or {})
+        # Not `model-<run id>`: that name is Lightning's, for its checkpoint artifacts (log_model).
+        artifact = wandb.Artifact(f"sentence-transformers-{run.id}", type="model", metadata=metadata or {})
         artifact.add_dir(str(path))
         run.log_artifact(artifact, aliases=aliases)
 
@@ -80,6 +81,26 @@ def log_exported_model(loggers, path: str | Path, aliases: list[str], metadata: 
                 logger.log_model_dir(path, aliases, metadata)
             except Exception as err:  # the model is on disk either way
                 log.warning("W&B model artifact not logged (%s: %s); the model is at %s", type(err).__name__, err, path)
+
+
+def log_comparison(loggers, rows: list[dict]) -> None:
+    """The end-of-run table (task, base, fine-tuned, delta) to each W&B run: a `wandb.Table` under
+    `eval/comparison`, and summary metrics `mteb/<task>` (fine-tuned) and `mteb_base/<task>` (base)."""
+    for logger in loggers:
+        if not isinstance(logger, _LightningWandbLogger):
+            continue
+        try:
+            import wandb
+
+            run = logger.experiment
+            columns = ["task", "base", "fine_tuned", "delta"]
+            run.log({"eval/comparison": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])})
+            for row in rows:
+                task = row["task"].replace(" ", "")
+                run.summary[f"mteb/{task}"] = row["fine_tuned"]
+                run.summary[f"mteb_base/{task}"] = row["base"]
+        except Exception as err:  # the table is on disk either way (<run_dir>/eval/comparison.*)
+            log.warning("W&B comparison table not logged (%s: %s)", type(err).__name__, err)
 
 
 def finish_wandb(loggers=()) -> None:
