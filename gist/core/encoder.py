@@ -212,7 +212,8 @@ class Encoder(nn.Module):
         self.instructions = {k: v for k, v in (instructions or {}).items() if v}
         _ = self.inputs  # validates prompts and instructions now, not at the first batch
         if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # Non-reentrant: gradients reach the weights even when no input requires grad (LoRA, frozen embeddings).
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if self.lora:
             self.model = add_lora(self.model, self.lora)
             self.head.requires_grad_(False)
