@@ -19,8 +19,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gist.core.encoder import POOLING_MODES, Encoder, encode_blocks, pool
+from gist.core.bucketing import encode_blocks
+from gist.core.encoder import Encoder
 from gist.core.inputs import TextInputs
+from gist.core.pooling import POOLING_MODES, pool
 
 pytestmark = pytest.mark.unit
 
@@ -180,8 +182,11 @@ def test_student_and_guide_prompt_with_their_own_settings(tiny_student, tiny_gui
     from gist.data.collate import Collator
     from gist.data.records import parse_row, text_id
 
-    student = Encoder(str(tiny_student), prompts={"query": "query: ", "document": "passage: "})
-    student.instructions = {"query": "Instruct: {instruct}\nQuery: "}
+    student = Encoder(
+        str(tiny_student),
+        prompts={"query": "query: ", "document": "passage: "},
+        instructions={"query": "Instruct: {instruct}\nQuery: "},
+    )
     guide = FrozenGuide(Encoder(str(tiny_guide), prompts={"query": "search: "}))
     rows = [parse_row(r, "x") for r in gist_rows if r["task_name"] == "task-a"][:4]
     batch = Collator(student.inputs, guide.inputs)(rows)

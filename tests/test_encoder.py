@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gist.core.encoder import Encoder, FrozenGuide, ModelUnavailableError, encode_blocks
+from gist.core.bucketing import encode_blocks
+from gist.core.encoder import Encoder, FrozenGuide, ModelUnavailableError
 from gist.infra.offline_models import MINILM, installed
 
 pytestmark = pytest.mark.unit

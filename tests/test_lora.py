@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gist.core.encoder import Encoder, encode_blocks
+from gist.core.bucketing import encode_blocks
+from gist.core.encoder import Encoder
 from gist.core.loss_modules import MNRLLoss
 from gist.core.module import GISTModule
 

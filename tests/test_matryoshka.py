@@ -84,7 +84,8 @@ def test_bad_matryoshka_settings_are_errors():
 
 def test_gradcache_composes_with_matryoshka(tiny_student, tiny_guide):
     """GradCache over the Matryoshka loss = the plain Matryoshka loss: loss and parameter gradients."""
-    from gist.core.encoder import Encoder, encode_blocks
+    from gist.core.bucketing import encode_blocks
+    from gist.core.encoder import Encoder
 
     enc = Encoder(str(tiny_student)).eval()
     guide = Encoder(str(tiny_guide)).eval()

@@ -6,9 +6,9 @@
 
 `main` is scripts/bench.py's command line (its options are documented there). One process, same pairs,
 models, guide and batch for both sides; warm-up steps excluded; the median step time of each repeat,
-then the median over repeats. Keys (see docs/PERFORMANCE.md): same_work_fp32, mpnet_guide_fp32,
-mpnet_guide_cached_fp32, mpnet_guide_cached_bf16, gradcache_memory, flop_bound, machine. The peak
-memory runs are fresh processes of this module (`python -m gist.analysis.bench --memory-child ...`).
+then the median over repeats. Keys (see docs/PERFORMANCE.md and KEYS; `--keys` picks some). The peak
+memory runs are fresh processes of this module (`python -m gist.analysis.bench --memory-child ...`);
+the machine, FLOP accounting and the decoder student are in gist/analysis/bench_machine.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,15 @@ from pathlib import Path
 
 import torch
 
+from gist.analysis.bench_machine import (
+    bench_decoder,
+    cpu_info,
+    encoder_flops_per_text,
+    matmul_peak_gflops,
+    mean_tokens,
+    status_mib,
+)
+
 ROOT = Path(__file__).resolve().parents[2]
 OFFLINE_DEFAULTS = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -33,39 +41,6 @@ MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 MPNET = "sentence-transformers/all-mpnet-base-v2"
 LORA = {"r": 16, "alpha": 32}  # every linear layer (peft's "all-linear")
 KEYS = ("same_work_fp32", "mpnet_guide", "decoder_fp32", "gradcache_memory", "lora_memory", "flop_bound")
-
-
-def bench_decoder(path: Path) -> Path:
-    """A random Qwen3-style decoder of MiniLM's size (6 layers, width 384, rotary, grouped-query attention)
-    with MiniLM's tokenizer padded on the left, as a sentence-transformers folder with last-token pooling:
-    the decoder student of the `decoder_fp32` key (same pairs and guide as same_work_fp32)."""
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.base.modules import Normalize, Transformer
-    from sentence_transformers.sentence_transformer.modules import Pooling
-    from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
-
-    if (path / "modules.json").is_file():
-        return path
-    hf = path.with_name(path.name + "-hf")
-    tokenizer = AutoTokenizer.from_pretrained(MINILM, padding_side="left")
-    tokenizer.save_pretrained(hf)
-    torch.manual_seed(0)
-    config = Qwen3Config(
-        vocab_size=len(tokenizer),
-        hidden_size=384,
-        intermediate_size=1536,
-        num_hidden_layers=6,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        head_dim=64,
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    Qwen3Model(config).save_pretrained(hf)
-    transformer = Transformer(str(hf), max_seq_length=256)
-    modules = [transformer, Pooling(384, pooling_mode="lasttoken"), Normalize()]
-    SentenceTransformer(modules=modules, device="cpu").save(str(path))
-    return path
 
 
 def bench_pairs(n: int) -> list[tuple[str, str]]:
@@ -217,13 +192,6 @@ def compare(name: str, batch: int, ours: list[float], st: list[float], **extra) 
 # ---- memory and FLOPs -----------------------------------------------------------------------------
 
 
-def _status_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(field)
-
-
 def memory_child(kind: str, batch: int, mini: int) -> None:
     """Run two training steps in this (fresh) process; print the RSS when fit starts (models,
     optimizer, data loaded) and the peak RSS during fit, in MiB. The peak is reset at fit start
@@ -235,10 +203,10 @@ def memory_child(kind: str, batch: int, mini: int) -> None:
     class Probe(Callback):
         def on_train_start(self, trainer, pl_module):
             Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (peak RSS) to the current RSS
-            probe["start_rss_mib"] = _status_mib("VmRSS")
+            probe["start_rss_mib"] = status_mib("VmRSS")
 
         def on_train_end(self, trainer, pl_module):
-            probe["peak_rss_mib"] = _status_mib("VmHWM")
+            probe["peak_rss_mib"] = status_mib("VmHWM")
 
     pairs = bench_pairs(batch * 2)
     ours_step_time(
@@ -269,34 +237,6 @@ def peak_rss(kind: str, batch: int, mini: int) -> dict[str, float]:
         },
     ).stdout
     return json.loads(out.strip().splitlines()[-1])
-
-
-def matmul_peak_gflops(dtype: torch.dtype, n: int = 1024, reps: int = 10) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
-
-
-def encoder_flops_per_text(name: str, tokens: float) -> float:
-    """Forward FLOPs of one text: 2 x (non-embedding params) per token + attention (4 T d per layer)."""
-    from transformers import AutoConfig, AutoModel
-
-    cfg = AutoConfig.from_pretrained(name)
-    model = AutoModel.from_pretrained(name)
-    emb = sum(p.numel() for n, p in model.named_parameters() if "embeddings" in n)
-    params = sum(p.numel() for p in model.parameters()) - emb
-    return tokens * (2 * params + 4 * cfg.num_hidden_layers * tokens * cfg.hidden_size)
-
-
-def mean_tokens(name: str, texts: list[str]) -> float:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(name)
-    return statistics.mean(len(tok(t)["input_ids"]) for t in texts)
 
 
 def mpnet_guide_keys(result: dict, pairs, B: int, steps: int, warm: int, bs, reps) -> None:
@@ -354,20 +294,6 @@ def flop_bound_key(result: dict, pairs, B: int) -> None:
     print(
         f"flop_bound: {flops / 1e9:.1f} GFLOP/step at {peak:.0f} GFLOP/s -> {bound:.2f} s; step {step:.2f} s ({step / bound:.2f}x)"
     )
-
-
-def cpu_info() -> dict:
-    """The CPU model and the flags that decide which kernels run (bf16 units: avx512_bf16, amx_bf16)."""
-    info = {"cpu": platform.processor() or platform.machine()}
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        fields = dict(line.split(":", 1) for line in cpuinfo.read_text().splitlines() if ":" in line)
-        fields = {k.strip(): v.strip() for k, v in fields.items()}
-        flags = set(fields.get("flags", "").split())
-        info["cpu"] = fields.get("model name", info["cpu"])
-        info["cpu_flags"] = sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16"})
-        info["bf16_units"] = bool(flags & {"avx512_bf16", "amx_bf16"})
-    return info
 
 
 def main(argv: list[str] | None = None) -> int:

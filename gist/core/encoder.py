@@ -33,14 +33,14 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig
 
+from gist.core.bucketing import is_right_padded
 from gist.core.inputs import TextInputs
+from gist.core.pooling import POOLING_MODES, check_pooling, pool  # noqa: F401 (POOLING_MODES: re-exported)
 from gist.infra.progress import progress as bar
 from gist.infra.progress import quiet_library_bars
 
 log = logging.getLogger(__name__)
 
-# sentence-transformers' pooling modes (sentence_transformers Pooling.POOLING_MODES).
-POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
 OFFLINE_MODELS = ("sentence-transformers/all-MiniLM-L6-v2", "sentence-transformers/all-mpnet-base-v2")
 
 
@@ -68,55 +68,6 @@ def _unavailable(name: str, revision: str | None, err: Exception) -> ModelUnavai
         f"(`python -m gist.infra.offline_models` lays them out).\n"
         f"  Cause: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     )
-
-
-def check_pooling(pooling) -> str | tuple[str, ...]:
-    """A pooling mode (or several, concatenated) as sentence-transformers names them; else ValueError."""
-    modes = (pooling,) if isinstance(pooling, str) else tuple(pooling)
-    bad = [m for m in modes if m not in POOLING_MODES]
-    if bad or not modes:
-        raise ValueError(f"unknown pooling mode {pooling!r}: use one of {POOLING_MODES} (or a list of them), or null")
-    return modes[0] if len(modes) == 1 else modes
-
-
-def pool(last_hidden: Tensor, attention_mask: Tensor, mode, prompt_length: Tensor | None = None) -> Tensor:
-    """(B, T, d) token states -> (B, d * modes) sentence embeddings, as sentence-transformers' Pooling
-    defines each mode, for right or left padding. `prompt_length` (B,): leading tokens of each text that
-    are its prompt, left out of the pooling (include_prompt=False); weightedmean keeps the other tokens'
-    original position weights."""
-    modes = (mode,) if isinstance(mode, str) else mode
-    T = last_hidden.size(1)
-    positions = torch.arange(T, device=last_hidden.device)
-    start = attention_mask.to(torch.int32).argmax(1)  # first real token: > 0 only under left padding
-    mask = attention_mask
-    if prompt_length is not None:
-        mask = mask * (positions[None, :] >= (start + prompt_length.to(start.device))[:, None])
-    acc = torch.float32 if last_hidden.dtype in (torch.float16, torch.bfloat16) else last_hidden.dtype
-    out = []
-    for m in modes:
-        if m == "cls":  # the first token that is neither padding nor prompt
-            first = mask.to(torch.int32).argmax(1)
-            out.append(last_hidden[torch.arange(len(first)), first])
-        elif m == "lasttoken":
-            values, from_end = mask.flip(1).max(1)
-            last = torch.where(values == 0, 0, T - 1 - from_end)
-            out.append(last_hidden[torch.arange(len(last)), last] * values[:, None].to(last_hidden.dtype))
-        elif m == "max":
-            out.append(last_hidden.masked_fill(mask[..., None] == 0, float("-inf")).max(1).values)
-        elif m in ("mean", "mean_sqrt_len_tokens"):
-            w = mask[..., None].to(last_hidden.dtype)
-            total = (last_hidden * w).sum(1, dtype=acc)
-            count = w.sum(1, dtype=acc).clamp(min=1e-9)
-            out.append((total / (count if m == "mean" else count.sqrt())).to(last_hidden.dtype))
-        elif m == "weightedmean":
-            weights = (positions[None, :] + 1 - start[:, None]).to(acc) * mask.to(
-                acc
-            )  # 1, 2, ... from the first real token
-            total = (last_hidden * weights[..., None]).sum(1)
-            out.append((total / weights.sum(1, keepdim=True).clamp(min=1e-9)).to(last_hidden.dtype))
-        else:
-            check_pooling(m)
-    return out[0] if len(out) == 1 else torch.cat(out, -1)
 
 
 class Encoder(nn.Module):
@@ -210,7 +161,16 @@ class Encoder(nn.Module):
         self.prompts = {k: v for k, v in (st.prompts or {}).items()}
         self.default_prompt_name = st.default_prompt_name
         self.instructions = {k: v for k, v in (instructions or {}).items() if v}
-        _ = self.inputs  # validates prompts and instructions now, not at the first batch
+        # Raw texts -> this encoder's inputs (prompts by role, tokenization), picklable for DataLoaders; built
+        # once (it validates the prompts and instructions now, and caches prompt lengths).
+        self.inputs = TextInputs(
+            self.tokenizer,
+            self.max_length,
+            prompts=self.prompts,
+            default_prompt_name=self.default_prompt_name,
+            instructions=self.instructions,
+            include_prompt=self.include_prompt,
+        )
         if gradient_checkpointing:
             # Non-reentrant: gradients reach the weights even when no input requires grad (LoRA, frozen embeddings).
             self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -237,18 +197,6 @@ class Encoder(nn.Module):
     @property
     def dim(self) -> int:
         return self.st.get_embedding_dimension()
-
-    @property
-    def inputs(self) -> TextInputs:
-        """Raw texts -> this encoder's inputs (prompts by role, tokenization), picklable for DataLoaders."""
-        return TextInputs(
-            self.tokenizer,
-            self.max_length,
-            prompts=self.prompts,
-            default_prompt_name=self.default_prompt_name,
-            instructions=self.instructions,
-            include_prompt=self.include_prompt,
-        )
 
     def tokenize(self, texts: list[str], prompt: str = "") -> dict[str, Tensor]:
         """Texts (prompt prepended here) -> padded inputs, truncated at max_length."""
@@ -379,79 +327,6 @@ def add_lora(model: nn.Module, lora: dict) -> nn.Module:
         target_modules=list(targets) if targets else "all-linear",
     )
     return get_peft_model(model, config)
-
-
-def padding_side(attention_mask: Tensor) -> str | None:
-    """ "right" when every row is ones then zeros, "left" when zeros then ones (a batch without padding
-    is "right"), None otherwise."""
-    if is_right_padded(attention_mask):
-        return "right"
-    return "left" if is_right_padded(attention_mask.flip(1)) else None
-
-
-def is_right_padded(attention_mask: Tensor) -> bool:
-    """True when every row is ones then zeros, so trimming columns past a row's length loses nothing."""
-    lengths = attention_mask.sum(1, keepdim=True)
-    positions = torch.arange(1, attention_mask.size(1) + 1, device=attention_mask.device)
-    return bool((attention_mask.cumsum(1) == torch.minimum(positions, lengths)).all())
-
-
-def trim(features: dict[str, Tensor], side: str | None) -> dict[str, Tensor]:
-    """Drop the columns that are padding in every row (on `side`; None = keep all)."""
-    if side is None:
-        return features
-    longest = int(features["attention_mask"].sum(1).max())
-    cut = slice(None, longest) if side == "right" else slice(features["attention_mask"].size(1) - longest, None)
-    return {k: v[:, cut] if v.dim() >= 2 else v for k, v in features.items()}
-
-
-def _pad_to(x: Tensor, width: int, side: str, value: int) -> Tensor:
-    if x.dim() < 2 or x.size(1) == width:
-        return x
-    extra = width - x.size(1)
-    pad = (0, extra) if side == "right" else (extra, 0)
-    return nn.functional.pad(x, (0, 0, *pad) if x.dim() == 3 else pad, value=value)
-
-
-def encode_blocks(
-    encoder: nn.Module, blocks: dict[str, dict[str, Tensor]], bucket_size: int | None = None
-) -> dict[str, Tensor]:
-    """Embed several tokenized blocks (anchor / positive / negative) -> {block: (B, d)}.
-
-    bucket_size None: one forward per block, padded to the block's longest text. Otherwise the texts of
-    ALL blocks are sorted by length and embedded `bucket_size` at a time, each bucket trimmed to its own
-    longest text on the tokenizer's padding side (right for BERT and MPNet, left for most decoders; the
-    pad id is the tokenizer's): the same embeddings (padded keys get zero attention weight; they differ
-    only by float summation order, and under left padding by the rotary positions' common shift) and
-    gradients, for fewer padded tokens. Blocks padded on different sides fall back to one forward each.
-    """
-    if not bucket_size:
-        return {block: encoder(features) for block, features in blocks.items()}
-    sides = {padding_side(f["attention_mask"]) for f in blocks.values()}
-    if len(sides) != 1 or None in sides:
-        return {block: encoder(features) for block, features in blocks.items()}
-    side = sides.pop()
-    first = next(iter(blocks.values()))
-    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids", "prompt_length") if k in first]
-    tokenizer = getattr(encoder, "tokenizer", None)
-    pad_id = getattr(tokenizer, "pad_token_id", None) or 0
-    width = max(f["attention_mask"].size(1) for f in blocks.values())
-    padded = {
-        k: torch.cat([_pad_to(f[k], width, side, pad_id if k == "input_ids" else 0) for f in blocks.values()])
-        for k in keys
-    }
-    lengths = padded["attention_mask"].sum(1)
-    model = getattr(encoder, "model", None)
-    word_embeddings = model.get_input_embeddings() if isinstance(encoder, Encoder) else None
-    if torch.is_grad_enabled() and word_embeddings is not None and word_embeddings.weight.requires_grad:
-        # Look the tokens up once for the whole step: one backward into the (dense, vocab x d)
-        # embedding gradient instead of one per bucket.
-        padded["inputs_embeds"] = word_embeddings(padded.pop("input_ids"))
-    order = torch.argsort(lengths, descending=True, stable=True)
-    embs = [encoder(trim({k: v[idx] for k, v in padded.items()}, side)) for idx in order.split(bucket_size)]
-    out = torch.cat(embs)[torch.argsort(order)]  # back to block order; gradients flow to every bucket
-    sizes = [f["attention_mask"].size(0) for f in blocks.values()]
-    return dict(zip(blocks, out.split(sizes)))
 
 
 class FrozenGuide(nn.Module):

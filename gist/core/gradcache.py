@@ -18,7 +18,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from gist.core.encoder import padding_side, trim
+from gist.core.bucketing import padding_side, trim
 
 
 class RngState:

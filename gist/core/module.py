@@ -19,7 +19,8 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torchmetrics.regression import SpearmanCorrCoef
 
-from gist.core.encoder import Encoder, FrozenGuide, encode_blocks
+from gist.core.bucketing import encode_blocks
+from gist.core.encoder import Encoder, FrozenGuide
 from gist.infra import distributed
 
 if TYPE_CHECKING:  # annotations only: gist.core does not import gist.data at runtime
@@ -68,7 +69,7 @@ class GISTModule(LightningModule):
         there skip the guide forward, the others are computed live and written to it.
     bucket_size: embed the texts of all blocks of a step in length-sorted buckets of this many texts,
         each padded only to its own longest text (same embeddings and gradients, fewer padded tokens;
-        see gist.core.encoder.encode_blocks). None: one forward per block. Applies to the student and the
+        see gist.core.bucketing.encode_blocks). None: one forward per block. Applies to the student and the
         live guide; GradCache (loss mini_batch_size) keeps its own mini-batches.
     """
 

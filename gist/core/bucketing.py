@@ -1,0 +1,84 @@
+"""Length-bucketed encoding of a step's texts (all blocks at once) and the padding helpers it rests on.
+
+out = encode_blocks(student, {"anchor": feats_a, "positive": feats_p}, bucket_size=8)  # {block: (B, d)}
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def padding_side(attention_mask: Tensor) -> str | None:
+    """ "right" when every row is ones then zeros, "left" when zeros then ones (a batch without padding
+    is "right"), None otherwise."""
+    if is_right_padded(attention_mask):
+        return "right"
+    return "left" if is_right_padded(attention_mask.flip(1)) else None
+
+
+def is_right_padded(attention_mask: Tensor) -> bool:
+    """True when every row is ones then zeros, so trimming columns past a row's length loses nothing."""
+    lengths = attention_mask.sum(1, keepdim=True)
+    positions = torch.arange(1, attention_mask.size(1) + 1, device=attention_mask.device)
+    return bool((attention_mask.cumsum(1) == torch.minimum(positions, lengths)).all())
+
+
+def trim(features: dict[str, Tensor], side: str | None) -> dict[str, Tensor]:
+    """Drop the columns that are padding in every row (on `side`; None = keep all)."""
+    if side is None:
+        return features
+    longest = int(features["attention_mask"].sum(1).max())
+    cut = slice(None, longest) if side == "right" else slice(features["attention_mask"].size(1) - longest, None)
+    return {k: v[:, cut] if v.dim() >= 2 else v for k, v in features.items()}
+
+
+def _pad_to(x: Tensor, width: int, side: str, value: int) -> Tensor:
+    if x.dim() < 2 or x.size(1) == width:
+        return x
+    extra = width - x.size(1)
+    pad = (0, extra) if side == "right" else (extra, 0)
+    return F.pad(x, (0, 0, *pad) if x.dim() == 3 else pad, value=value)
+
+
+def encode_blocks(
+    encoder: nn.Module, blocks: dict[str, dict[str, Tensor]], bucket_size: int | None = None
+) -> dict[str, Tensor]:
+    """Embed several tokenized blocks (anchor / positive / negative) -> {block: (B, d)}.
+
+    bucket_size None: one forward per block, padded to the block's longest text. Otherwise the texts of
+    ALL blocks are sorted by length and embedded `bucket_size` at a time, each bucket trimmed to its own
+    longest text on the tokenizer's padding side (right for BERT and MPNet, left for most decoders; the
+    pad id is the tokenizer's): the same embeddings (padded keys get zero attention weight; they differ
+    only by float summation order, and under left padding by the rotary positions' common shift) and
+    gradients, for fewer padded tokens. Blocks padded on different sides fall back to one forward each.
+    """
+    if not bucket_size:
+        return {block: encoder(features) for block, features in blocks.items()}
+    sides = {padding_side(f["attention_mask"]) for f in blocks.values()}
+    if len(sides) != 1 or None in sides:
+        return {block: encoder(features) for block, features in blocks.items()}
+    side = sides.pop()
+    first = next(iter(blocks.values()))
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids", "prompt_length") if k in first]
+    tokenizer = getattr(encoder, "tokenizer", None)
+    pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+    width = max(f["attention_mask"].size(1) for f in blocks.values())
+    padded = {
+        k: torch.cat([_pad_to(f[k], width, side, pad_id if k == "input_ids" else 0) for f in blocks.values()])
+        for k in keys
+    }
+    lengths = padded["attention_mask"].sum(1)
+    # Only an Encoder (not the frozen guide) owns its `model`: the guide needs no gradient, hence no lookup.
+    model = getattr(encoder, "model", None)
+    word_embeddings = model.get_input_embeddings() if model is not None else None
+    if torch.is_grad_enabled() and word_embeddings is not None and word_embeddings.weight.requires_grad:
+        # Look the tokens up once for the whole step: one backward into the (dense, vocab x d)
+        # embedding gradient instead of one per bucket.
+        padded["inputs_embeds"] = word_embeddings(padded.pop("input_ids"))
+    order = torch.argsort(lengths, descending=True, stable=True)
+    embs = [encoder(trim({k: v[idx] for k, v in padded.items()}, side)) for idx in order.split(bucket_size)]
+    out = torch.cat(embs)[torch.argsort(order)]  # back to block order; gradients flow to every bucket
+    sizes = [f["attention_mask"].size(0) for f in blocks.values()]
+    return dict(zip(blocks, out.split(sizes)))
