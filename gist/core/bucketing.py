@@ -35,11 +35,11 @@ def trim(features: dict[str, Tensor], side: str | None) -> dict[str, Tensor]:
 
 
 def _pad_to(x: Tensor, width: int, side: str, value: int) -> Tensor:
+    """A (B, L) token tensor padded to `width` columns on `side`; per-text values (B,) pass unchanged."""
     if x.dim() < 2 or x.size(1) == width:
         return x
     extra = width - x.size(1)
-    pad = (0, extra) if side == "right" else (extra, 0)
-    return F.pad(x, (0, 0, *pad) if x.dim() == 3 else pad, value=value)
+    return F.pad(x, (0, extra) if side == "right" else (extra, 0), value=value)
 
 
 def encode_blocks(
