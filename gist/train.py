@@ -109,7 +109,15 @@ def build(cfg: DictConfig, output_dir: Path, wandb_identity: dict) -> Built:
         if guide and cache_cfg.get("enabled")
         else None
     )
-    module = GISTModule(student, loss, guide, guide_cache=cache, bucket_size=cfg.get("bucket_size"), **cfg.optim)
+    module = GISTModule(
+        student,
+        loss,
+        guide,
+        guide_cache=cache,
+        bucket_size=cfg.get("bucket_size"),
+        bucket_tokens=cfg.get("bucket_tokens"),
+        **cfg.optim,
+    )
     datamodule.configure_encoders(student, guide, guide_cache=cache, prefill_guide_cache=bool(cache_cfg.get("prefill")))
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]

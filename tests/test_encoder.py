@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gist.core.bucketing import encode_blocks
+from gist.core.bucketing import bucket_bounds, encode_blocks
 from gist.core.encoder import Encoder, FrozenGuide, ModelUnavailableError
 from gist.infra.offline_models import MINILM, installed
 
@@ -72,9 +72,12 @@ def test_frozen_guide_stays_in_eval_mode_without_gradients(tiny_guide):
 
 
 @pytest.mark.parametrize("model", ["tiny_student", "tiny_guide"])  # mean and cls pooling
-@pytest.mark.parametrize("bucket_size", [1, 3, 8, 100])
-def test_encode_blocks_bucketed_equals_per_block(request, model, bucket_size):
-    """Length-bucketed embedding of all blocks = one forward per block: embeddings and gradients."""
+@pytest.mark.parametrize(
+    ("bucket_size", "bucket_tokens"), [(1, None), (3, None), (8, None), (100, None), (None, 20), (4, 12), (None, 1)]
+)
+def test_encode_blocks_bucketed_equals_per_block(request, model, bucket_size, bucket_tokens):
+    """Length-bucketed embedding of all blocks (by a number of texts, a token budget, or both) = one forward
+    per block: embeddings and gradients."""
     enc = Encoder(str(request.getfixturevalue(model)))
     enc.eval()  # dropout off: both paths see the same function
     texts = {
@@ -85,16 +88,16 @@ def test_encode_blocks_bucketed_equals_per_block(request, model, bucket_size):
     blocks = {k: dict(enc.tokenize(v)) for k, v in texts.items()}
     assert len({f["input_ids"].size(1) for f in blocks.values()}) > 1  # blocks padded to different widths
 
-    def run(size):
+    def run(size, tokens):
         enc.zero_grad()
-        out = encode_blocks(enc, blocks, size)
+        out = encode_blocks(enc, blocks, size, tokens)
         weights = torch.linspace(-1, 1, 12).reshape(3, 4, 1)
         loss = sum((out[k] * w).sum() for k, w in zip(texts, weights))
         loss.backward()
         return out, {n: p.grad.clone() for n, p in enc.named_parameters() if p.grad is not None}
 
-    ref, ref_grads = run(None)
-    got, got_grads = run(bucket_size)
+    ref, ref_grads = run(None, None)
+    got, got_grads = run(bucket_size, bucket_tokens)
     # Same function, other padding widths and batch compositions: only fp32 summation order differs (padded
     # keys get exactly zero attention). Embeddings are unit vectors: rtol 1e-5 + atol 1e-6 (measured <= 3e-8
     # under ATEN_CPU_CAPABILITY default / avx2 / avx512).
@@ -108,6 +111,22 @@ def test_encode_blocks_bucketed_equals_per_block(request, model, bucket_size):
     scale = max(g.abs().max().item() for g in ref_grads.values())
     for n in ref_grads:
         torch.testing.assert_close(got_grads[n], ref_grads[n], rtol=1e-4, atol=1e-4 * scale + 5e-6, msg=n)
+
+
+def test_bucket_bounds_cap_texts_and_padded_tokens():
+    lengths = [10, 9, 5, 5, 4, 2, 2, 1]  # sorted longest first, as encode_blocks sorts them
+    assert bucket_bounds(lengths, 3, None) == [3, 3, 2]
+    assert bucket_bounds(lengths, None, 20) == [2, 4, 2]  # 20 // 10 = 2; 20 // 5 = 4 texts of <= 5 tokens; rest
+    assert bucket_bounds(lengths, None, 19) == [1, 2, 3, 2]  # 19 // 10, 19 // 9, 19 // 5, the last two
+    assert bucket_bounds(lengths, 3, 21) == [2, 3, 3]
+    assert bucket_bounds(lengths, None, 5) == [1, 1, 1, 1, 1, 2, 1]  # a text over the budget still gets a bucket
+    assert bucket_bounds(lengths, None, None) == [8]
+    for size, tokens in [(3, None), (None, 20), (2, 7)]:
+        sizes = bucket_bounds(lengths, size, tokens)
+        assert sum(sizes) == len(lengths)
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        for start, n in zip(starts, sizes):
+            assert n == 1 or tokens is None or n * lengths[start] <= tokens
 
 
 def test_encode_blocks_with_mixed_padding_sides_falls_back(tiny_student):

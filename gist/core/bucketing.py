@@ -1,6 +1,7 @@
 """Length-bucketed encoding of a step's texts (all blocks at once) and the padding helpers it rests on.
 
 out = encode_blocks(student, {"anchor": feats_a, "positive": feats_p}, bucket_size=8)  # {block: (B, d)}
+out = encode_blocks(student, blocks, bucket_size=None, bucket_tokens=512)  # buckets by a token budget
 """
 
 from __future__ import annotations
@@ -42,19 +43,38 @@ def _pad_to(x: Tensor, width: int, side: str, value: int) -> Tensor:
     return F.pad(x, (0, extra) if side == "right" else (extra, 0), value=value)
 
 
+def bucket_bounds(lengths: list[int], bucket_size: int | None, bucket_tokens: int | None) -> list[int]:
+    """Sizes of consecutive buckets over texts sorted longest first: each bucket holds at most
+    `bucket_size` texts and at most `bucket_tokens` padded tokens (texts x its first, longest, text), and
+    at least one text. None = no limit of that kind."""
+    sizes, start, n = [], 0, len(lengths)
+    while start < n:
+        size = n - start if bucket_size is None else min(bucket_size, n - start)
+        if bucket_tokens is not None:
+            size = max(1, min(size, bucket_tokens // max(1, lengths[start])))
+        sizes.append(size)
+        start += size
+    return sizes
+
+
 def encode_blocks(
-    encoder: nn.Module, blocks: dict[str, dict[str, Tensor]], bucket_size: int | None = None
+    encoder: nn.Module,
+    blocks: dict[str, dict[str, Tensor]],
+    bucket_size: int | None = None,
+    bucket_tokens: int | None = None,
 ) -> dict[str, Tensor]:
     """Embed several tokenized blocks (anchor / positive / negative) -> {block: (B, d)}.
 
-    bucket_size None: one forward per block, padded to the block's longest text. Otherwise the texts of
-    ALL blocks are sorted by length and embedded `bucket_size` at a time, each bucket trimmed to its own
-    longest text on the tokenizer's padding side (right for BERT and MPNet, left for most decoders; the
-    pad id is the tokenizer's): the same embeddings (padded keys get zero attention weight; they differ
-    only by float summation order, and under left padding by the rotary positions' common shift) and
-    gradients, for fewer padded tokens. Blocks padded on different sides fall back to one forward each.
+    bucket_size and bucket_tokens None: one forward per block, padded to the block's longest text.
+    Otherwise the texts of ALL blocks are sorted by length and embedded in buckets of at most
+    `bucket_size` texts and at most `bucket_tokens` padded tokens (a token budget: many short texts or
+    few long ones, for GEMMs of a steady size), each bucket trimmed to its own longest text on the
+    tokenizer's padding side (right for BERT and MPNet, left for most decoders; the pad id is the
+    tokenizer's): the same embeddings (padded keys get zero attention weight; they differ only by float
+    summation order, and under left padding by the rotary positions' common shift) and gradients, for
+    fewer padded tokens. Blocks padded on different sides fall back to one forward each.
     """
-    if not bucket_size:
+    if not bucket_size and not bucket_tokens:
         return {block: encoder(features) for block, features in blocks.items()}
     sides = {padding_side(f["attention_mask"]) for f in blocks.values()}
     if len(sides) != 1 or None in sides:
@@ -78,7 +98,8 @@ def encode_blocks(
         # embedding gradient instead of one per bucket.
         padded["inputs_embeds"] = word_embeddings(padded.pop("input_ids"))
     order = torch.argsort(lengths, descending=True, stable=True)
-    embs = [encoder(trim({k: v[idx] for k, v in padded.items()}, side)) for idx in order.split(bucket_size)]
+    sizes = bucket_bounds(lengths[order].tolist(), bucket_size or None, bucket_tokens or None)
+    embs = [encoder(trim({k: v[idx] for k, v in padded.items()}, side)) for idx in order.split(sizes)]
     out = torch.cat(embs)[torch.argsort(order)]  # back to block order; gradients flow to every bucket
     sizes = [f["attention_mask"].size(0) for f in blocks.values()]
     return dict(zip(blocks, out.split(sizes)))

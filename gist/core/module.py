@@ -60,8 +60,10 @@ class GISTModule(LightningModule):
     guide: the guide encoder (frozen here), or None for guide-free losses.
     lr / weight_decay / betas / eps: AdamW.
     fused: AdamW's fused kernel (one pass over the parameters; CPU and CUDA). None: on when every
-        trainable parameter is a float tensor on CPU or CUDA and precision is not mixed (Lightning does
-        not clip gradients of fused optimizers under its mixed-precision plugins).
+        trainable parameter is a float tensor on CPU or CUDA and no fp16 loss scaler is active (under
+        `16-mixed` the scaler unscales before clipping, which a fused optimizer would do itself). Under
+        `32-true` and `bf16-mixed` the gradients are clipped here (`configure_gradient_clipping`), because
+        Lightning's mixed-precision plugin refuses to clip for a fused optimizer even when nothing is scaled.
     warmup_steps: linear warm-up from 0 to lr.
     schedule_steps: step at which the linear decay reaches 0; None = trainer.max_steps. GIST's released
         checkpoints stopped inside a much longer schedule, so this is separate from max_steps.
@@ -71,6 +73,8 @@ class GISTModule(LightningModule):
         each padded only to its own longest text (same embeddings and gradients, fewer padded tokens;
         see gist.core.bucketing.encode_blocks). None: one forward per block. Applies to the student and the
         live guide; GradCache (loss mini_batch_size) keeps its own mini-batches.
+    bucket_tokens: also cap each bucket at this many padded tokens (texts x longest text): many short
+        texts or few long ones per forward. With bucket_size None, buckets are sized by tokens alone.
     """
 
     def __init__(
@@ -86,6 +90,7 @@ class GISTModule(LightningModule):
         schedule_steps: int | None = None,
         guide_cache=None,
         bucket_size: int | None = None,
+        bucket_tokens: int | None = None,
         fused: bool | None = None,
     ) -> None:
         super().__init__()
@@ -101,8 +106,11 @@ class GISTModule(LightningModule):
         self.warmup_steps, self.schedule_steps = warmup_steps, schedule_steps
         if bucket_size is not None and bucket_size < 1:
             raise ValueError(f"bucket_size must be >= 1 or null, got {bucket_size}")
-        self.bucket_size = bucket_size
+        if bucket_tokens is not None and bucket_tokens < 1:
+            raise ValueError(f"bucket_tokens must be >= 1 or null, got {bucket_tokens}")
+        self.bucket_size, self.bucket_tokens = bucket_size, bucket_tokens
         self.val_spearman = SpearmanCorrCoef()
+        self._grad_norm: torch.Tensor | None = None  # this step's gradient norm (on_before_optimizer_step)
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
@@ -111,7 +119,7 @@ class GISTModule(LightningModule):
         return self
 
     def _encode(self, encoder: nn.Module, features: dict) -> dict[str, torch.Tensor]:
-        return encode_blocks(encoder, features, self.bucket_size)
+        return encode_blocks(encoder, features, self.bucket_size, self.bucket_tokens)
 
     def _ddp_wrapper(self):
         """The DistributedDataParallel module wrapping this one (Lightning's DDP strategies), else None."""
@@ -172,9 +180,9 @@ class GISTModule(LightningModule):
         params = [p for p in self.student.parameters() if p.requires_grad]
         fused = self.fused
         if fused is None:
-            # Lightning refuses gradient clipping with a fused optimizer under a mixed precision plugin.
-            mixed = self._trainer is not None and "mixed" in str(self.trainer.precision)
-            fused = not mixed and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+            fused = not self._loss_scaling() and all(
+                p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params
+            )
         optimizer = torch.optim.AdamW(params, **self.optim, fused=fused)
         total = self.schedule_steps or self.trainer.max_steps
         if total is None or total <= 0 or total == math.inf:
@@ -191,15 +199,45 @@ class GISTModule(LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
 
+    def _loss_scaling(self) -> bool:
+        """An fp16 gradient scaler is active (`16-mixed`): gradients must be unscaled before anything reads them."""
+        plugin = getattr(self._trainer, "precision_plugin", None) if self._trainer is not None else None
+        return getattr(plugin, "scaler", None) is not None
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip the (already rank-averaged) gradients before the optimizer step. Without a loss scaler the
+        gradients are true gradients, so we clip them ourselves: Lightning's mixed-precision plugin would refuse
+        to for a fused optimizer even under bf16, where nothing is scaled. The norm is the one
+        `on_before_optimizer_step` already computed for its finiteness check (one pass over the gradients)."""
+        if not gradient_clip_val:
+            return
+        if self._loss_scaling():
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val, foreach=True)
+            return
+        norm = self._grad_norm
+        if norm is None:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm, foreach=True)
+
     def on_before_optimizer_step(self, optimizer) -> None:
         """A finite loss can still give inf/NaN gradients (overflow in backward); stepping on them would
         put NaN into the weights and the next checkpoint. Gradients are already averaged over ranks
         here, so every rank decides alike. Skipped under fp16 loss scaling, whose scaler skips such
         steps by design."""
-        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+        self._grad_norm = None
+        if self._loss_scaling():
             return
-        grads = [p.grad for p in self.student.parameters() if p.grad is not None]
-        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):  # one fused (foreach) pass
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return
+        self._grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)  # one pass; reused for clipping
+        if not torch.isfinite(self._grad_norm):
             bad = [
                 n for n, p in self.student.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()
             ]
