@@ -142,3 +142,15 @@ def test_encode_blocks_with_mixed_padding_sides_falls_back(tiny_student):
         enc.tokenizer.padding_side = "right"
     for k in blocks:  # the fallback runs the very same per-block forwards: fp32 default tolerance is ample
         torch.testing.assert_close(got[k], ref[k])
+
+
+def test_attention_implementation_is_a_runtime_choice(tiny_student):
+    """sdpa (transformers' default) and eager attention: same weights, same embeddings up to fp32 rounding
+    (unit vectors, atol 1e-6); an unknown kernel is transformers' error at construction."""
+    sdpa, eager = Encoder(str(tiny_student)).eval(), Encoder(str(tiny_student), attn_implementation="eager").eval()
+    assert sdpa.model.config._attn_implementation == "sdpa" and eager.model.config._attn_implementation == "eager"
+    feats = sdpa.tokenize(["the cat sat on the mat", "x", "a b c d e f"])
+    torch.testing.assert_close(eager(feats), sdpa(feats), rtol=0, atol=1e-6)
+    assert "attn_implementation" not in sdpa.settings()  # checkpoints rebuild with the machine's default
+    with pytest.raises((ValueError, ImportError)):
+        Encoder(str(tiny_student), attn_implementation="no_such_kernel")

@@ -120,6 +120,8 @@ def ours_step_time(
     bucket_size: int | None = None,
     callbacks: list | None = None,
     lora: dict | None = None,
+    bucket_tokens: int | None = None,
+    attn_implementation: str | None = None,
 ) -> float:
     from lightning.pytorch import Callback, Trainer
 
@@ -141,7 +143,8 @@ def ours_step_time(
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "pairs.jsonl"
         path.write_text("".join(json.dumps({"query": a, "pos": p, "task_name": "bench"}) + "\n" for a, p in pairs))
-        student_enc, guide_enc = Encoder(student, lora=lora), Encoder(guide)
+        student_enc = Encoder(student, lora=lora, attn_implementation=attn_implementation)
+        guide_enc = Encoder(guide, attn_implementation=attn_implementation)
         cache = GuideCache.for_encoder(cache_dir, guide_enc) if cache_dir else None
         module = GISTModule(
             student_enc,
@@ -150,6 +153,7 @@ def ours_step_time(
             lr=2e-5,
             guide_cache=cache,
             bucket_size=bucket_size,
+            bucket_tokens=bucket_tokens,
         )
         dm = GISTDataModule(train_files=[str(path)], batch_size=batch, shuffle_buffer=1)
         dm.configure_encoders(student_enc, guide_enc, guide_cache=cache, prefill_guide_cache=cache is not None)

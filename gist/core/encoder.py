@@ -44,6 +44,12 @@ log = logging.getLogger(__name__)
 OFFLINE_MODELS = ("sentence-transformers/all-MiniLM-L6-v2", "sentence-transformers/all-mpnet-base-v2")
 
 
+def inference_device() -> torch.device:
+    """Where embedding outside a training step runs (mining, evaluation; the guide-cache prefill uses the
+    trainer's device): the first CUDA device when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 class ModelUnavailableError(RuntimeError):
     """A model could not be loaded (not cached offline, unknown id, no network)."""
 
@@ -105,6 +111,7 @@ class Encoder(nn.Module):
         lora: dict | None = None,
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
+        attn_implementation: str | None = None,
     ) -> None:
         super().__init__()
         if pooling is not None:
@@ -171,6 +178,10 @@ class Encoder(nn.Module):
             instructions=self.instructions,
             include_prompt=self.include_prompt,
         )
+        if attn_implementation is not None:
+            # "sdpa" (transformers' default where the model supports it), "eager", "flash_attention_2" (CUDA,
+            # the flash-attn package), ...: a runtime choice, the same weights (not part of settings()).
+            self.model.set_attn_implementation(attn_implementation)
         if gradient_checkpointing:
             # Non-reentrant: gradients reach the weights even when no input requires grad (LoRA, frozen embeddings).
             self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -231,12 +242,14 @@ class Encoder(nn.Module):
     ) -> Tensor:
         """Embed texts in length-sorted batches (less padding); returns (N, d) fp32 on CPU, input order.
         The prompt: `prompt` if given, else the prompt of `role` ("query" / "document"), else none.
+        `device`: where to run (the encoder moves there and stays); None = where its weights are.
         `progress`: the label of a progress bar (shown on a terminal only)."""
         if prompt is None:
             prompt = self.inputs.prompt(role) if role is not None else ""
         was_training = self.training
         self.eval()
-        device = device or next(self.parameters()).device
+        device = torch.device(device) if device is not None else next(self.parameters()).device
+        self.to(device)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
         out = torch.empty(len(texts), self.dim)
         with bar(len(texts), progress or "encoding") as shown:

@@ -171,9 +171,10 @@ class GuideCache:
         self.refresh()
 
     @torch.inference_mode()
-    def fill(self, encoder, items: Sequence[tuple[str, str]] | Sequence[str], batch_size: int = 64) -> int:
-        """Embed (with `encoder`) the (prompt, text) items not yet cached (a plain string: no prompt);
-        returns how many were computed. Keys are `encoder.inputs.key(prompt, text)`, as the collator's."""
+    def fill(self, encoder, items: Sequence[tuple[str, str]] | Sequence[str], batch_size: int = 64, device=None) -> int:
+        """Embed (with `encoder`, on `device`; None = where it is) the (prompt, text) items not yet cached (a
+        plain string: no prompt); returns how many were computed. Keys are `encoder.inputs.key(prompt, text)`,
+        as the collator's."""
         from gist.data.records import text_id
 
         encoder = getattr(encoder, "encoder", encoder)
@@ -189,7 +190,8 @@ class GuideCache:
                 by_prompt.setdefault(unique[i][0], []).append(int(i))
             for prompt, idx in by_prompt.items():
                 texts = [unique[i][1] for i in idx]
-                self.add(ids[idx], encoder.encode(texts, batch_size=batch_size, prompt=prompt, progress="guide cache"))
+                emb = encoder.encode(texts, batch_size=batch_size, device=device, prompt=prompt, progress="guide cache")
+                self.add(ids[idx], emb)
             self.flush()
         return len(todo)
 
@@ -204,6 +206,7 @@ def fill_from_datamodule(
     `chunk` at a time as the rows stream by and each chunk is written, so an interrupted fill resumes
     where it stopped; texts already cached are skipped. scripts/cache_guide.py runs this from a training
     config."""
+    from gist.core.encoder import inference_device
     from gist.data.records import iter_rows
 
     datamodule.check_sources()
@@ -214,9 +217,9 @@ def fill_from_datamodule(
     for row in iter_rows([s.source for s in datamodule.sources()]):
         pending.extend(inputs.row_items(row))
         if len(pending) >= chunk:
-            computed += cache.fill(guide, pending)
+            computed += cache.fill(guide, pending, device=inference_device())
             pending = []
             if log is not None:
                 log(f"guide cache {cache.dir}: {computed} computed so far, {len(cache)} cached")
-    computed += cache.fill(guide, pending)
+    computed += cache.fill(guide, pending, device=inference_device())
     return cache, computed

@@ -21,6 +21,7 @@ from pathlib import Path
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
+from gist.core.encoder import inference_device
 from gist.data.batching import SameTaskBatches
 from gist.data.collate import Collator, StsCollator, TrainBatch
 from gist.data.records import (
@@ -160,7 +161,10 @@ class GISTDataModule(LightningDataModule):
             items = [
                 item for row in iter_rows(local, on_bad_row=self.on_bad_row) for item in guide.inputs.row_items(row)
             ]
-            computed = cache.fill(guide, items)
+            # On the device the run trains on (prepare_data runs before Lightning moves the module there).
+            strategy = getattr(self.trainer, "strategy", None) if self.trainer is not None else None
+            device = strategy.root_device if strategy is not None else inference_device()
+            computed = cache.fill(guide, items, device=device)
             log.info("guide cache %s: %d texts computed, %d cached", cache.dir, computed, len(cache))
 
     def sources(self) -> list[SourceSpec]:

@@ -188,7 +188,7 @@ class MinedTriplets:
         return Path(cache_dir) / "mined" / f"{self.task_name}-{key}.jsonl"
 
     def build(self) -> list[dict]:
-        from gist.core.encoder import Encoder
+        from gist.core.encoder import Encoder, inference_device
 
         texts, labels = read_classification(self.task_dir, self.split)
         excluded, _ = _excluded(self.exclude_eval_of)
@@ -205,7 +205,9 @@ class MinedTriplets:
             texts, labels = [texts[i] for i in pick], [labels[i] for i in pick]
         encoder = Encoder(**self.guide)
         log.info("mining %s: embedding %d texts with %s", self.task_name, len(texts), self.guide["name"])
-        embeddings = encoder.encode(texts, batch_size=self.batch_size, progress=f"mining {self.task_dir.name}")
+        embeddings = encoder.encode(
+            texts, batch_size=self.batch_size, device=inference_device(), progress=f"mining {self.task_dir.name}"
+        )
         if self.guide_cache_dir is not None:
             from gist.core.guide_cache import GuideCache
             from gist.data.records import text_id

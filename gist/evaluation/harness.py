@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gist.core.encoder import Encoder, hub_commit
+from gist.core.encoder import Encoder, hub_commit, inference_device
 from gist.evaluation.runs import Run, is_run_dir, load_run
 
 
@@ -147,6 +147,7 @@ def _mteb_wrapper(model: EvalModel):
             emb = self.model.encode(  # (U, d) unit norm
                 unique,
                 batch_size=kwargs.get("batch_size", 64),
+                device=inference_device(),
                 prompt=prompt,
                 progress=getattr(task_metadata, "name", None) or "encoding",
             )
