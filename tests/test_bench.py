@@ -106,3 +106,23 @@ def test_machine_info_names_the_cpu_and_its_bf16_units():
     assert info["cpu"]
     if "cpu_flags" in info:
         assert info["bf16_units"] == bool({"avx512_bf16", "amx_bf16"} & set(info["cpu_flags"]))
+
+
+def test_profile_step_table_and_host_syncs(tiny_student, tiny_guide, capsys, tmp_path):
+    """scripts/profile_step.py's code path on the tiny models: per-op rows whose shares add up to 1, the
+    host syncs per step counted from `aten::_local_scalar_dense`, the markdown table."""
+    from gist.analysis import profile_step
+
+    out = tmp_path / "profile.json"
+    args = ["--student", str(tiny_student), "--guide", str(tiny_guide), "--batch", "4", "--steps", "4"]
+    assert profile_step.main([*args, "--warmup", "2", "--bucket-size", "3", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["profiled_steps"] == 2 and result["step_s"] > 0
+    assert sum(r["share"] for r in result["rows"]) == pytest.approx(1.0)
+    assert any(r["op"] == "aten::mm" or r["op"] == "aten::addmm" for r in result["rows"])
+    # The CPU fused AdamW reads every parameter's step count inside its kernel: not counted as host syncs.
+    reads = sum(r["calls_per_step"] for r in result["rows"] if r["op"] == profile_step.SYNC_OP)
+    assert 0 < result["host_syncs_per_step"] < reads
+    assert result["host_syncs_per_step"] == pytest.approx(sum(result["host_syncs_by_caller"].values()))
+    printed = capsys.readouterr().out
+    assert "| op | self CPU ms/step | share | calls/step |" in printed and "host syncs per step" in printed

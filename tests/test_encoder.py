@@ -154,3 +154,37 @@ def test_attention_implementation_is_a_runtime_choice(tiny_student):
     assert "attn_implementation" not in sdpa.settings()  # checkpoints rebuild with the machine's default
     with pytest.raises((ValueError, ImportError)):
         Encoder(str(tiny_student), attn_implementation="no_such_kernel")
+
+
+class DeviceTensor(torch.Tensor):
+    """Stands for a tensor on a GPU: `.cpu()` gives a plain (host) copy, and every read of its values by
+    the host (`bool`, `int`, `.item()`, `.tolist()`, ...: a sync on a real GPU) is recorded with its caller."""
+
+    reads: list[str] = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.cpu:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {})).clone()
+        if getattr(func, "__name__", "") in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+            import traceback
+
+            cls.reads.append(traceback.extract_stack()[-2].filename)
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+@pytest.mark.parametrize("model", ["tiny_student", "tiny_qwen3"])  # right padding; left padding + position ids
+def test_encode_blocks_makes_no_host_reads_of_device_tensors(request, model):
+    """Bucketing decides sides, lengths, bucket sizes and widths from one host copy of each block's mask, so a
+    GPU step's forwards queue without waiting. The only reads left are transformers' own checks of each
+    forward's mask (whether SDPA may skip it), none from gist (before: 2 + 1 + 2 per bucket)."""
+    enc = Encoder(str(request.getfixturevalue(model))).eval()
+    texts = {"anchor": ["a b c d e f g h", "x", "the cat sat", "one two three"], "positive": ["q w", "e r t", "p", "z"]}
+    blocks = {k: {n: t.as_subclass(DeviceTensor) for n, t in enc.tokenize(v).items()} for k, v in texts.items()}
+    DeviceTensor.reads = []
+    out = encode_blocks(enc, blocks, 3)  # 8 texts: 3 buckets
+    assert out["anchor"].shape == (4, enc.dim)
+    assert not [f for f in DeviceTensor.reads if "/gist/" in f], DeviceTensor.reads
+    assert all(f.endswith("transformers/masking_utils.py") for f in DeviceTensor.reads)
+    assert len(DeviceTensor.reads) <= 2 * 3  # the causal-mask check reads twice (decoders), the bidirectional once

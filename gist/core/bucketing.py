@@ -26,11 +26,13 @@ def is_right_padded(attention_mask: Tensor) -> bool:
     return bool((attention_mask.cumsum(1) == torch.minimum(positions, lengths)).all())
 
 
-def trim(features: dict[str, Tensor], side: str | None) -> dict[str, Tensor]:
-    """Drop the columns that are padding in every row (on `side`; None = keep all)."""
+def trim(features: dict[str, Tensor], side: str | None, longest: int | None = None) -> dict[str, Tensor]:
+    """Drop the columns that are padding in every row (on `side`; None = keep all). `longest`: the longest
+    row's length when the caller knows it (no read of the mask by the host)."""
     if side is None:
         return features
-    longest = int(features["attention_mask"].sum(1).max())
+    if longest is None:
+        longest = int(features["attention_mask"].sum(1).max())
     cut = slice(None, longest) if side == "right" else slice(features["attention_mask"].size(1) - longest, None)
     return {k: v[:, cut] if v.dim() >= 2 else v for k, v in features.items()}
 
@@ -76,7 +78,10 @@ def encode_blocks(
     """
     if not bucket_size and not bucket_tokens:
         return {block: encoder(features) for block, features in blocks.items()}
-    sides = {padding_side(f["attention_mask"]) for f in blocks.values()}
+    # The host reads the masks once (one transfer per block on a GPU): sides, lengths and bucket widths are
+    # decided from this copy, so the step's forwards queue up without waiting on the device.
+    host_masks = [f["attention_mask"].cpu() for f in blocks.values()]
+    sides = {padding_side(m) for m in host_masks}
     if len(sides) != 1 or None in sides:
         return {block: encoder(features) for block, features in blocks.items()}
     side = sides.pop()
@@ -89,7 +94,7 @@ def encode_blocks(
         k: torch.cat([_pad_to(f[k], width, side, pad_id if k == "input_ids" else 0) for f in blocks.values()])
         for k in keys
     }
-    lengths = padded["attention_mask"].sum(1)
+    lengths = torch.cat([m.sum(1) for m in host_masks])  # on the host
     # Only an Encoder (not the frozen guide) owns its `model`: the guide needs no gradient, hence no lookup.
     model = getattr(encoder, "model", None)
     word_embeddings = model.get_input_embeddings() if model is not None else None
@@ -98,8 +103,14 @@ def encode_blocks(
         # embedding gradient instead of one per bucket.
         padded["inputs_embeds"] = word_embeddings(padded.pop("input_ids"))
     order = torch.argsort(lengths, descending=True, stable=True)
-    sizes = bucket_bounds(lengths[order].tolist(), bucket_size or None, bucket_tokens or None)
-    embs = [encoder(trim({k: v[idx] for k, v in padded.items()}, side)) for idx in order.split(sizes)]
-    out = torch.cat(embs)[torch.argsort(order)]  # back to block order; gradients flow to every bucket
+    sorted_lengths = lengths[order].tolist()
+    sizes = bucket_bounds(sorted_lengths, bucket_size or None, bucket_tokens or None)
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    device_order = order.to(padded["attention_mask"].device)
+    embs = []
+    for start, idx in zip(starts, device_order.split(sizes)):
+        bucket = trim({k: v[idx] for k, v in padded.items()}, side, longest=sorted_lengths[start])
+        embs.append(encoder({**bucket, "padding_side": side}))
+    out = torch.cat(embs)[torch.argsort(device_order)]  # back to block order; gradients flow to every bucket
     sizes = [f["attention_mask"].size(0) for f in blocks.values()]
     return dict(zip(blocks, out.split(sizes)))

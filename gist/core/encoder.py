@@ -218,7 +218,9 @@ class Encoder(nn.Module):
         ids = "inputs_embeds" if "inputs_embeds" in features else "input_ids"  # see encode_blocks
         inputs = {k: v for k, v in features.items() if k in (ids, "attention_mask", "token_type_ids")}
         mask = features["attention_mask"]
-        if self._takes_position_ids and not is_right_padded(mask):
+        # The padding side when the caller knows it (encode_blocks), else read from the mask.
+        side = features.get("padding_side") or ("right" if is_right_padded(mask) else "left")
+        if self._takes_position_ids and side != "right":
             # Left padding: each text's positions count from its first token, whatever the padding (the
             # same positions as right padding; rotary models are shift-invariant anyway, absolute ones
             # are not), so a text embeds alike in any bucket.
