@@ -536,16 +536,16 @@ def fake_job(sweep: Path, num: int, variant: str, seed: int, scores: dict, base:
     return job
 
 
-def make_fake_sweep(root: Path) -> Path:
+def make_fake_sweep(root: Path, first_task: str = "T1") -> Path:
     """Two variants x three seeds with hand-picked scores (two tasks): gist_mpnet T1 80, 82, 84 and T2
-    60, 61, 65; no_guide T1 79, 80, 84 and T2 60, 62, 65; base T1 70, T2 50."""
+    60, 61, 65; no_guide T1 79, 80, 84 and T2 60, 62, 65; base T1 70, T2 50. `first_task`: T1's name."""
     sweep = root / "2026-11-27_10-00-00_ablation"
-    base = {"T1": 70.0, "T2": 50.0}
+    base = {first_task: 70.0, "T2": 50.0}
     a = [(80.0, 60.0), (82.0, 61.0), (84.0, 65.0)]
     b = [(79.0, 60.0), (80.0, 62.0), (84.0, 65.0)]
     num = 0
     for variant, rows in (("gist_mpnet", a), ("no_guide", b)):
         for seed, (t1, t2) in zip((1, 2, 3), rows):
-            fake_job(sweep, num, variant, seed, {"T1": t1, "T2": t2}, base, [0.1 * seed, 0.3 * seed])
+            fake_job(sweep, num, variant, seed, {first_task: t1, "T2": t2}, base, [0.1 * seed, 0.3 * seed])
             num += 1
     return sweep

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from gist.analysis import ablation as ab
@@ -131,6 +132,27 @@ def test_results_markdown_is_rendered_from_the_sweeps_folders(fake_sweep, tmp_pa
         assert row in text, row
     assert "a test machine" in text and "6 jobs, 2 variants x seeds [1, 2, 3]" in text
     assert text.rstrip().endswith("Hand-written reading goes here.")
+
+
+@pytest.mark.unit
+def test_retrieval_section_says_whether_an_effect_is_beyond_seed_noise(tmp_path):
+    """With a retrieval task (SciFact) the document answers "does the guide hurt retrieval?": paired
+    differences, t = mean / (std / sqrt 3), compared with Student's t at 95 % and 2 df (4.303). Hand-computed:
+    gist_mpnet - no_guide = 1, 2, 0 -> +1.00 ± 1.00, t 1.7; gist_mpnet - base = 10, 12, 14 -> t 10.4."""
+    from gist.analysis.results import write_results
+
+    sweep = make_fake_sweep(tmp_path, first_task="SciFact")
+    out = tmp_path / "RESULTS.md"
+    write_results(sweep, out, hardware_line="a test machine")
+    text = out.read_text()
+    assert "## Retrieval (SciFact): does the guide hurt it?" in text and "SciFact retrieval: nDCG@10" in text
+    for row in (
+        "| gist_mpnet - no_guide | +1.00 ± 1.00 | 1.7 | within seed noise |",
+        "| gist_mpnet - base | +12.00 ± 2.00 | 10.4 | beyond seed noise |",
+        "| no_guide - base | +11.00 ± 2.65 | 7.2 | beyond seed noise |",
+    ):
+        assert row in text, row
+    assert ab.noise_verdict(pd.Series([1.0, 2.0]))[2] == "too few seeds"
 
 
 @pytest.mark.slow  # the default tier: the same document from hand-made run folders (above), and multiruns in test_sweeps.py

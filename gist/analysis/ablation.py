@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 from gist.evaluation.runs import Run
 
-MEAN = "mean"  # the column/row name of the five-task mean
+MEAN = "mean"  # the column/row name of the mean over the evaluated tasks
 
 
 @dataclass
@@ -131,7 +131,7 @@ def variant_order(jobs: list[Job]) -> list[str]:
 
 
 def scores_frame(jobs: list[Job]) -> pd.DataFrame:
-    """Long table: variant, seed, task, score (fine-tuned, x100), plus the five-task mean as task `mean`."""
+    """Long table: variant, seed, task, score (fine-tuned, x100), plus the mean over tasks as task `mean`."""
     rows = []
     for job in jobs:
         for task, score in sorted(job.scores.items()):
@@ -209,7 +209,7 @@ def variant_settings(jobs: list[Job], order: list[str]) -> pd.DataFrame:
 
 
 def best_of(scores: pd.DataFrame, variants: list[str]) -> tuple[str, float]:
-    """The variant with the highest five-task mean (mean over seeds) among `variants`."""
+    """The variant with the highest mean over tasks (mean over seeds) among `variants`."""
     means = scores[(scores.task == MEAN) & scores.variant.isin(variants)].groupby("variant")["score"].mean()
     return str(means.idxmax()), float(means.max())
 
@@ -218,3 +218,16 @@ def sweep_wall(jobs: list[Job]) -> tuple[datetime | None, datetime | None]:
     starts = [j.started for j in jobs if j.started]
     ends = [j.finished for j in jobs if j.finished]
     return (min(starts) if starts else None), (max(ends) if ends else None)
+
+
+T_CRIT_95 = {2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # two-sided, by df
+
+
+def noise_verdict(values: pd.Series) -> tuple[float, float, str]:
+    """Mean, paired t statistic (mean / (std / sqrt n)) and whether the mean is beyond seed noise: |t| above
+    the two-sided 95 % critical value of Student's t with n - 1 degrees of freedom."""
+    n, mean, std = values.count(), values.mean(), values.std()
+    if n < 3 or pd.isna(std):
+        return mean, float("nan"), "too few seeds"
+    t = mean / (std / n**0.5) if std > 0 else float("inf") * (1 if mean >= 0 else -1)
+    return mean, t, "beyond seed noise" if abs(t) > T_CRIT_95.get(n - 1, 1.96) else "within seed noise"

@@ -24,6 +24,7 @@ from gist.analysis.ablation import (
     Job,
     base_scores,
     best_of,
+    noise_verdict,
     paired_difference,
     per_variant,
     scores_frame,
@@ -47,6 +48,7 @@ CONTRASTS = [
     ("gist_mpnet_tau005", "gist_mpnet"),
 ]
 GUIDE_VARIANTS = 4  # variants 1-4 of the issue: the guide/loss comparison, the rest are GIST settings
+RETRIEVAL_TASKS = ("SciFact",)  # the shipped retrieval folders: "does the guide hurt retrieval?"
 
 # The sweep's charts notebooks/compare_checkpoints.ipynb writes (file name: caption), in document order. Each
 # PNG names the sweep it was drawn from in its `Source` text chunk (savefig(metadata=...)): a chart of
@@ -130,6 +132,22 @@ def contrast_table(scores: pd.DataFrame, contrasts: list[tuple[str, str]]) -> st
         ]
         rows.append([f"{variant} - {reference}", *cells])
     return _table(["difference", *(_short(t) for t in tasks)], rows)
+
+
+def retrieval_table(scores: pd.DataFrame, base: dict, task: str, order: list[str]) -> str:
+    """For one retrieval task: each guide contrast and each variant against the base, paired by seed, with
+    the paired t statistic and the verdict against seed noise."""
+    rows = []
+    pivot = scores[scores.task == task].pivot(index="seed", columns="variant", values="score")
+    for variant, reference in [c for c in CONTRASTS if c[0] in pivot and c[1] in pivot][:5]:
+        diff = (pivot[variant] - pivot[reference]).dropna()
+        mean, t, verdict = noise_verdict(diff)
+        rows.append([f"{variant} - {reference}", f"{_signed(mean)} ± {diff.std():.2f}", f"{t:.1f}", verdict])
+    for variant in [v for v in order[:GUIDE_VARIANTS] if v in pivot]:
+        diff = (pivot[variant] - base[task]).dropna()
+        mean, t, verdict = noise_verdict(diff)
+        rows.append([f"{variant} - base", f"{_signed(mean)} ± {diff.std():.2f}", f"{t:.1f}", verdict])
+    return _table(["difference", "mean ± std over seed pairs", "t", "verdict (95 %)"], rows)
 
 
 def train_table(jobs: list[Job], order: list[str]) -> str:
@@ -299,7 +317,7 @@ def results_markdown(
         f"- **Sweep**: `{sweep_dir.name}`: {len(jobs)} jobs, {len(order)} variants x seeds "
         f"{sorted(set(scores.seed))} ({', '.join(f'{v}: {n}' for v, n in n_seeds.items() if n != n_seeds.max()) or 'every variant complete'}).",
         f"- **Hardware** (the machine that ran the sweep and wrote this file): {hw}.",
-        f"- **Wall time**: {wall}; one job (fit, export, five-task evaluation of its model) "
+        f"- **Wall time**: {wall}; one job (fit, export, {len(tasks)}-task evaluation of its model) "
         f"{min(walls):.0f}-{max(walls):.0f} s, mean {sum(walls) / len(walls):.0f} s."
         if walls
         else f"- **Wall time**: {wall}.",
@@ -309,7 +327,9 @@ def results_markdown(
         "(gist.evaluation.harness, mteb's own task evaluators) on the test splits of the task folders in "
         f"`{Path(str(first.get('compare_tasks_dir'))).name}/`.",
         "- **Scores**: MTEB main score x 100 (STSBenchmark: Spearman of cosine similarity; classification: "
-        "accuracy, AmazonCounterfactual en). Mean ± sample std over seeds.",
+        "accuracy, AmazonCounterfactual en"
+        + ("; SciFact retrieval: nDCG@10" if "SciFact" in tasks else "")
+        + f"); `mean` is the mean over the {len(tasks)} tasks. Mean ± sample std over seeds.",
         "",
         "## Variants",
         "",
@@ -325,7 +345,7 @@ def results_markdown(
     if len(order) >= GUIDE_VARIANTS:
         best, best_mean = best_of(scores, order[:GUIDE_VARIANTS])
         out += [
-            f"Best of variants 1-4 ({', '.join(order[:GUIDE_VARIANTS])}) by five-task mean: **{best}** "
+            f"Best of variants 1-4 ({', '.join(order[:GUIDE_VARIANTS])}) by {len(tasks)}-task mean: **{best}** "
             f"({best_mean:.2f}; base {base[MEAN]:.2f}).",
             "",
         ]
@@ -348,6 +368,19 @@ def results_markdown(
         "",
         contrast_table(scores, CONTRASTS),
         "",
+    ]
+    for task in [t for t in tasks if t in RETRIEVAL_TASKS]:
+        out += [
+            f"## Retrieval ({task}): does the guide hurt it?",
+            "",
+            "Guided minus unguided and fine-tuned minus base on the retrieval task, paired by seed; t = mean / (std "
+            "/ sqrt(pairs)), and the verdict compares |t| with Student's t at 95 % (two-sided, pairs - 1 degrees "
+            "of freedom: 4.30 for 3 seeds).",
+            "",
+            retrieval_table(scores, base, task, order),
+            "",
+        ]
+    out += [
         "## Per task",
         "",
     ]
