@@ -140,3 +140,17 @@ def test_profile_step_table_and_host_syncs(tiny_student, tiny_guide, capsys, tmp
     assert result["host_syncs_per_step"] == pytest.approx(sum(result["host_syncs_by_caller"].values()))
     printed = capsys.readouterr().out
     assert "| op | self CPU ms/step | share | calls/step |" in printed and "host syncs per step" in printed
+
+
+def test_levers_key_times_every_setting(tiny_student, tiny_guide):
+    """`--keys levers` on the tiny models: every setting of issue #15 fits and is timed, relative to fp32."""
+    from gist.analysis.bench_levers import SETTINGS, levers_key
+
+    pairs = bench.bench_pairs(12)
+    out = levers_key(pairs, 4, 3, 1, 1, student=str(tiny_student), guide=str(tiny_guide))
+    assert set(out) == set(SETTINGS) and out["fp32"]["vs_fp32"] == 1.0
+    for row in out.values():
+        assert row["step_s"] > 0 and len(row["repeats_s"]) == 1 and row["first_step_s"][0] > 0
+    assert out["bf16_eager"]["precision"] == "bf16-mixed" and out["bf16_eager"]["attn_implementation"] == "eager"
+    lines = table({"levers": out}).splitlines()
+    assert "| fp32 | " in "\n".join(lines) and any(line.startswith("| bf16_true_bound |") for line in lines)

@@ -40,7 +40,7 @@ OFFLINE_DEFAULTS = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 MPNET = "sentence-transformers/all-mpnet-base-v2"
 LORA = {"r": 16, "alpha": 32}  # every linear layer (peft's "all-linear")
-KEYS = ("same_work_fp32", "mpnet_guide", "decoder_fp32", "gradcache_memory", "lora_memory", "flop_bound")
+KEYS = ("same_work_fp32", "mpnet_guide", "decoder_fp32", "gradcache_memory", "lora_memory", "flop_bound", "levers")
 
 
 def bench_pairs(n: int) -> list[tuple[str, str]]:
@@ -324,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         "--bucket-size", type=int, default=8, help="ours: length-bucketed encoding (0: one forward per block)"
     )
     parser.add_argument("--keys", default="", help=f"comma-separated subset of {','.join(KEYS)} (default: all)")
+    parser.add_argument("--compile", action="store_true", help="levers: also time torch.compile (minutes each)")
     parser.add_argument("--memory-child", nargs=3, metavar=("KIND", "BATCH", "MINI"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
@@ -412,6 +413,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     if "flop_bound" in keys:
         flop_bound_key(result, pairs, B)
+    if "levers" in keys:
+        from gist.analysis.bench_levers import levers_key
+
+        result["levers"] = levers_key(pairs, B, steps, warm, args.repeats, compile_model=args.compile)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
     return 0

@@ -85,6 +85,14 @@ def table(result: dict) -> str:
             f"{result['mpnet_guide_cached_fp32']['ours_step_s']:.3f} s | {bf16['bf16_over_fp32']:.2f} | "
             f"{target or 'no bf16 units: not a target'} |"
         )
+    levers = result.get("levers")
+    if levers:
+        lines += ["", "Levers (`--keys levers`): the cached-guide step under each setting, s/step (vs fp32):", ""]
+        lines += ["| setting | s/step | vs fp32 | first step (s) |", "|---|---:|---:|---:|"]
+        lines += [
+            f"| {k} | {v['step_s']:.3f} | {v['vs_fp32']:.2f} | {max(v['first_step_s']):.1f} |"
+            for k, v in levers.items()
+        ]
     if mem and "growth_over_fit_start_mib" in mem:
         lines += ["", "Peak RSS growth during fit, over the RSS at fit start (models, optimizer and data loaded):", ""]
         lines += ["| run | MiB |", "|---|---:|"]
