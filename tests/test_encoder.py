@@ -188,3 +188,15 @@ def test_encode_blocks_makes_no_host_reads_of_device_tensors(request, model):
     assert not [f for f in DeviceTensor.reads if "/gist/" in f], DeviceTensor.reads
     assert all(f.endswith("transformers/masking_utils.py") for f in DeviceTensor.reads)
     assert len(DeviceTensor.reads) <= 2 * 3  # the causal-mask check reads twice (decoders), the bidirectional once
+
+
+@pytest.mark.slow  # inductor compiles the forward and backward on first use: ~1 min on 2 cores
+def test_compiled_encoder_equals_eager_and_keeps_its_parameter_names(tiny_student):
+    plain = Encoder(str(tiny_student)).eval()
+    compiled = Encoder(str(tiny_student), compile=True).eval()
+    assert list(compiled.state_dict()) == list(plain.state_dict())  # checkpoints and export unchanged
+    feats = plain.tokenize(["the cat sat on the mat", "x", "a b c d e f"])
+    torch.testing.assert_close(compiled(feats), plain(feats), rtol=0, atol=1e-5)  # unit vectors
+    compiled.train()
+    compiled(feats).sum().backward()
+    assert all(p.grad is not None for n, p in compiled.named_parameters() if p.requires_grad and "pooler" not in n)

@@ -112,6 +112,7 @@ class Encoder(nn.Module):
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
         attn_implementation: str | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if pooling is not None:
@@ -189,6 +190,10 @@ class Encoder(nn.Module):
             self.model = add_lora(self.model, self.lora)
             self.head.requires_grad_(False)
         self._takes_position_ids = "position_ids" in inspect.signature(transformer.model.forward).parameters
+        if compile:
+            # torch.compile of the transformer, in place (same parameter names, checkpoints and export): one
+            # compilation per new shape class with dynamic shapes; pays off over long runs (docs/PERFORMANCE.md).
+            self.model.compile(dynamic=True)
         self.train()  # from_pretrained returns eval mode; a fresh module trains (dropout on) like any other
 
     def settings(self) -> dict:
