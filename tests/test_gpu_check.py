@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 
 from tests.helpers import ROOT, tiny
 
@@ -18,7 +19,7 @@ def test_gpu_check_skips_the_cuda_parts_with_a_message_on_cpu(tmp_path):
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "PY": os.environ.get("PY", __import__("sys").executable)},
+        env={**os.environ, "PY": os.environ.get("PY", sys.executable)},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "no CUDA device" in proc.stdout and "skipping" in proc.stdout

@@ -31,7 +31,7 @@ SETTINGS = {
 COMPILED = {"fp32_compile": {}, "bf16_compile": {"precision": "bf16-mixed"}}
 
 
-def _callbacks(compile_model: bool):
+def _step_times(compile_model: bool):
     from lightning.pytorch import Callback
 
     class StepTimes(Callback):
@@ -63,7 +63,7 @@ def levers_key(
             kwargs = {"bucket_size": 8, **options}
             runs, first = [], []
             for _ in range(repeats):
-                probe = _callbacks(name in COMPILED)
+                probe = _step_times(name in COMPILED)
                 runs.append(
                     ours_step_time(pairs, student, guide, B, steps, warm, cache_dir=cache, callbacks=[probe], **kwargs)
                 )

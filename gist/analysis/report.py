@@ -48,6 +48,7 @@ CONTRASTS = [
     ("gist_mpnet_tau005", "gist_mpnet"),
 ]
 GUIDE_VARIANTS = 4  # variants 1-4 of the issue: the guide/loss comparison, the rest are GIST settings
+GUIDE_CONTRASTS = CONTRASTS[:5]  # the contrasts among variants 1-4 (the rest vary margin and temperature)
 RETRIEVAL_TASKS = ("SciFact",)  # the shipped retrieval folders: "does the guide hurt retrieval?"
 
 # The sweep's charts notebooks/compare_checkpoints.ipynb writes (file name: caption), in document order. Each
@@ -139,7 +140,7 @@ def retrieval_table(scores: pd.DataFrame, base: dict, task: str, order: list[str
     the paired t statistic and the verdict against seed noise."""
     rows = []
     pivot = scores[scores.task == task].pivot(index="seed", columns="variant", values="score")
-    for variant, reference in [c for c in CONTRASTS if c[0] in pivot and c[1] in pivot][:5]:
+    for variant, reference in [c for c in GUIDE_CONTRASTS if c[0] in pivot and c[1] in pivot]:
         diff = (pivot[variant] - pivot[reference]).dropna()
         mean, t, verdict = noise_verdict(diff)
         rows.append([f"{variant} - {reference}", f"{_signed(mean)} ± {diff.std():.2f}", f"{t:.1f}", verdict])

@@ -6,6 +6,8 @@ out = encode_blocks(student, blocks, bucket_size=None, bucket_tokens=512)  # buc
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -105,7 +107,7 @@ def encode_blocks(
     order = torch.argsort(lengths, descending=True, stable=True)
     sorted_lengths = lengths[order].tolist()
     sizes = bucket_bounds(sorted_lengths, bucket_size or None, bucket_tokens or None)
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    starts = [0, *itertools.accumulate(sizes)][:-1]
     device_order = order.to(padded["attention_mask"].device)
     embs = []
     for start, idx in zip(starts, device_order.split(sizes)):
