@@ -32,6 +32,7 @@ from gist.data.records import DataError
 from gist.evaluation.harness import compare_models, comparison_title, encoder_model, markdown_table, pretrained_model
 from gist.evaluation.runs import Run
 from gist.evaluation.tasks import load_tasks
+from gist.infra.allocator import keep_freed_memory
 from gist.infra.launch import isolated_job, job_env, job_identity
 from gist.infra.loggers import finish_wandb, log_comparison, log_exported_model
 
@@ -73,6 +74,7 @@ def train(cfg: DictConfig) -> float | None:
 
 
 def run(cfg: DictConfig, wandb_identity: dict | None = None) -> float | None:
+    keep_freed_memory()  # no page faults on each step's large buffers (gist/infra/allocator.py)
     seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,8 @@ import shlex
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 DATA = ROOT / "data" / "mteb"
@@ -549,3 +551,21 @@ def make_fake_sweep(root: Path, first_task: str = "T1") -> Path:
             fake_job(sweep, num, variant, seed, {first_task: t1, "T2": t2}, base, [0.1 * seed, 0.3 * seed])
             num += 1
     return sweep
+
+
+class DeviceTensor(torch.Tensor):
+    """Stands for a tensor on a GPU: `.cpu()` gives a plain (host) copy, and every read of its values by
+    the host (`bool`, `int`, `.item()`, `.tolist()`, ...: a sync on a real GPU) is recorded with its caller."""
+
+    reads: list[str] = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.cpu:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {})).clone()
+        if getattr(func, "__name__", "") in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+            import traceback
+
+            cls.reads.append(traceback.extract_stack()[-2].filename)
+        return super().__torch_function__(func, types, args, kwargs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from gist.analysis import bench
 from gist.analysis.bench_table import main as bench_table_main
@@ -105,6 +106,26 @@ def test_bench_table_marks_targets_met_and_missed(tmp_path, capsys):
     assert lines["`gradcache_memory`"].endswith("<= 2: met |")
     assert lines["`flop_bound`"].endswith("<= 1.5: MISSED |")
     assert "| plain_64 | 300 |" in out
+    # Padding-free rows: the best setting is now bf16 packed (16 pairs / 0.4 s = 40 pairs/s, 10x the 4 s
+    # step), and the packed bf16/fp32 ratio (0.4 / 0.64) has its own row.
+    step = {"st_pairs_per_s": 4.0, "st_step_s": 4.0}
+    result["mpnet_guide_cached_fp32_packed"] = {**step, "ours_pairs_per_s": 25.0, "ratio": 6.25, "ours_step_s": 0.64}
+    result["mpnet_guide_cached_bf16_packed"] = {
+        **step,
+        "ours_pairs_per_s": 40.0,
+        "ratio": 10.0,
+        "ours_step_s": 0.4,
+        "bf16_over_fp32": 0.625,
+    }
+    lines = {line.split("|")[1].strip(): line for line in table(result).splitlines() if line.startswith("| `")}
+    assert (
+        lines["`cached_best`"]
+        == "| `cached_best` | 40.0 pairs/s (bf16 packed, 0.400 s/step) | 4.0 pairs/s | 10.00 | >= 4: met |"
+    )
+    assert lines["`bf16_over_fp32_packed`"] == (
+        "| `bf16_over_fp32_packed` | bf16 step 0.400 s | fp32 step 0.640 s | 0.62 | <= 0.5: MISSED |"
+    )
+    assert lines["`bf16_over_fp32`"].endswith("| 20.00 | <= 0.5: MISSED |")
 
 
 def test_decoder_student_steps_on_both_sides(tiny_qwen3, tiny_guide):
@@ -154,3 +175,23 @@ def test_levers_key_times_every_setting(tiny_student, tiny_guide):
     assert out["bf16_eager"]["precision"] == "bf16-mixed" and out["bf16_eager"]["attn_implementation"] == "eager"
     lines = table({"levers": out}).splitlines()
     assert "| fp32 | " in "\n".join(lines) and any(line.startswith("| bf16_true_bound |") for line in lines)
+
+
+@pytest.mark.unit
+def test_flop_bound_takes_the_fastest_cached_setting(monkeypatch):
+    """The bound is for the fastest cached-guide step over precisions and groupings (buckets, packed)."""
+    monkeypatch.setattr(bench, "mean_tokens", lambda model, texts: 20.0)
+    monkeypatch.setattr(bench, "encoder_flops_per_text", lambda model, tokens: 1e9)
+    monkeypatch.setattr(bench, "matmul_peak_gflops", lambda dtype, reps=3: 100.0 if dtype == torch.float32 else 400.0)
+    result = {f"mpnet_guide_cached_{k}": {"ours_step_s": s} for k, s in [("fp32", 0.5), ("fp32_packed", 0.45)]}
+    result |= {f"mpnet_guide_cached_{k}": {"ours_step_s": s} for k, s in [("bf16", 0.4), ("bf16_packed", 0.3)]}
+    bench.flop_bound_key(result, [("a", "b")] * 4, 16)
+    fb = result["flop_bound"]
+    assert fb["precision"] == "bf16" and fb["config"].startswith("mpnet_guide_cached_bf16_packed ")
+    assert fb["steps_s"] == {"fp32": 0.45, "bf16": 0.3}
+    # 2 x 16 pairs x 3 forward-equivalents x 1 GFLOP = 96 GFLOP at 400 GFLOP/s = 0.24 s; 0.3 / 0.24 = 1.25
+    assert (
+        fb["flops_per_step"] == 96e9
+        and fb["bound_s"] == pytest.approx(0.24)
+        and fb["step_over_bound"] == pytest.approx(1.25)
+    )

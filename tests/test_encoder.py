@@ -8,6 +8,7 @@ import torch
 from gist.core.bucketing import bucket_bounds, encode_blocks
 from gist.core.encoder import Encoder, FrozenGuide, ModelUnavailableError
 from gist.infra.offline_models import MINILM, installed
+from tests.helpers import DeviceTensor
 
 pytestmark = pytest.mark.unit
 
@@ -154,24 +155,6 @@ def test_attention_implementation_is_a_runtime_choice(tiny_student):
     assert "attn_implementation" not in sdpa.settings()  # checkpoints rebuild with the machine's default
     with pytest.raises((ValueError, ImportError)):
         Encoder(str(tiny_student), attn_implementation="no_such_kernel")
-
-
-class DeviceTensor(torch.Tensor):
-    """Stands for a tensor on a GPU: `.cpu()` gives a plain (host) copy, and every read of its values by
-    the host (`bool`, `int`, `.item()`, `.tolist()`, ...: a sync on a real GPU) is recorded with its caller."""
-
-    reads: list[str] = []
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        if func is torch.Tensor.cpu:
-            with torch._C.DisableTorchFunctionSubclass():
-                return func(*args, **(kwargs or {})).clone()
-        if getattr(func, "__name__", "") in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
-            import traceback
-
-            cls.reads.append(traceback.extract_stack()[-2].filename)
-        return super().__torch_function__(func, types, args, kwargs)
 
 
 @pytest.mark.parametrize("model", ["tiny_student", "tiny_qwen3"])  # right padding; left padding + position ids

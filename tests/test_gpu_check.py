@@ -38,9 +38,19 @@ def test_gpu_check_runs_its_gpu_path_on_cpu(tmp_path, tiny_student, tiny_guide, 
     assert gpu_check.main([*args, "--quickstart-overrides", *overrides]) == 0
     result = json.loads(out.read_text())
     rows = result["steps"]
-    settings = {(r["batch"], r["precision"], r["attn"], r["bucket_size"], r["bucket_tokens"]) for r in rows}
-    assert (4, "32-true", "sdpa", 8, None) in settings and (8, "bf16-mixed", "eager", 8, None) in settings
-    assert (8, "bf16-mixed", "sdpa", None, 4096) in settings and len(settings) == len(rows) == 9
+    settings = {
+        (r["batch"], r["precision"], r["attn"], r["bucket_size"], r["bucket_tokens"], r["packing"]) for r in rows
+    }
+    assert (4, "32-true", "sdpa", 8, None, False) in settings and (8, "bf16-mixed", "eager", 8, None, False) in settings
+    assert (8, "bf16-mixed", "sdpa", None, 4096, False) in settings and (
+        8,
+        "bf16-mixed",
+        "sdpa",
+        None,
+        None,
+        True,
+    ) in settings
+    assert len(settings) == len(rows) == 11
     for r in rows:
         assert r["step_s"] > 0 and r["samples_per_s"] == r["batch"] / r["step_s"]
         assert r["mfu"] == r["model_tflops_per_s"] / result["mfu_peak_tflops"] and 0 < r["mfu"] < 1

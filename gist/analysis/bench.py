@@ -33,6 +33,7 @@ from gist.analysis.bench_machine import (
     mean_tokens,
     status_mib,
 )
+from gist.infra.allocator import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parents[2]
 OFFLINE_DEFAULTS = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
@@ -122,6 +123,7 @@ def ours_step_time(
     lora: dict | None = None,
     bucket_tokens: int | None = None,
     attn_implementation: str | None = None,
+    packing: bool = False,
 ) -> float:
     from lightning.pytorch import Callback, Trainer
 
@@ -143,7 +145,7 @@ def ours_step_time(
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "pairs.jsonl"
         path.write_text("".join(json.dumps({"query": a, "pos": p, "task_name": "bench"}) + "\n" for a, p in pairs))
-        student_enc = Encoder(student, lora=lora, attn_implementation=attn_implementation)
+        student_enc = Encoder(student, lora=lora, attn_implementation=attn_implementation, packing=packing)
         guide_enc = Encoder(guide, attn_implementation=attn_implementation)
         cache = GuideCache.for_encoder(cache_dir, guide_enc) if cache_dir else None
         module = GISTModule(
@@ -244,7 +246,8 @@ def peak_rss(kind: str, batch: int, mini: int) -> dict[str, float]:
 
 
 def mpnet_guide_keys(result: dict, pairs, B: int, steps: int, warm: int, bs, reps) -> None:
-    """mpnet_guide_fp32, mpnet_guide_cached_fp32 and mpnet_guide_cached_bf16 (MiniLM student, mpnet guide)."""
+    """mpnet_guide_fp32, then the cached-guide step (MiniLM student, mpnet guide from the cache) in fp32 and
+    bf16, with length buckets (mpnet_guide_cached_fp32 / _bf16) and padding-free (..._packed)."""
     result["mpnet_guide_fp32"] = compare(
         "mpnet_guide_fp32",
         B,
@@ -252,50 +255,58 @@ def mpnet_guide_keys(result: dict, pairs, B: int, steps: int, warm: int, bs, rep
         [st_step_time(pairs, MINILM, MPNET, B, steps, warm) for _ in reps],
     )
     st_mpnet = result["mpnet_guide_fp32"]["st_repeats_s"]
-    with tempfile.TemporaryDirectory() as cache:
-        cached32 = [ours_step_time(pairs, MINILM, MPNET, B, steps, warm, cache_dir=cache, bucket_size=bs) for _ in reps]
-        result["mpnet_guide_cached_fp32"] = compare("mpnet_guide_cached_fp32", B, cached32, st_mpnet)
-        # bf16: the full run where the hardware has bf16 units (AMX / AVX-512-BF16, or CUDA); elsewhere a
-        # few steps (~20x slower than fp32 there; the number says so).
-        fast = torch.cuda.is_available() or cpu_info().get("bf16_units", False)
-        n16, w16, reps16 = (steps, warm, reps) if fast else (4, 1, range(1))
-        cached16 = [
-            ours_step_time(
-                pairs[: B * n16], MINILM, MPNET, B, n16, w16, precision="bf16-mixed", cache_dir=cache, bucket_size=bs
-            )
-            for _ in reps16
-        ]
-    best_st = min(st_mpnet)
-    st_bf16 = None
+    best_st, st_bf16 = min(st_mpnet), None
     if torch.cuda.is_available():
         st_bf16 = [st_step_time(pairs, MINILM, MPNET, B, steps, warm, bf16=True) for _ in reps]
         best_st = min(best_st, statistics.median(st_bf16))
-    result["mpnet_guide_cached_bf16"] = compare(
-        "mpnet_guide_cached_bf16",
-        B,
-        cached16,
-        [best_st],
-        st_setting="fp32" if st_bf16 is None or best_st < statistics.median(st_bf16) else "bf16",
-        bf16_over_fp32=statistics.median(cached16) / statistics.median(cached32),
-    )
+    # bf16: the full run where the hardware has bf16 units (AMX / AVX-512-BF16, or CUDA); elsewhere a few
+    # steps (~20x slower than fp32 there; the number says so).
+    fast = torch.cuda.is_available() or cpu_info().get("bf16_units", False)
+    n16, w16, reps16 = (steps, warm, reps) if fast else (4, 1, range(1))
+    for suffix, grouping in (("", {"bucket_size": bs}), ("_packed", {"packing": True})):
+        with tempfile.TemporaryDirectory() as cache:
+            cached32 = [ours_step_time(pairs, MINILM, MPNET, B, steps, warm, cache_dir=cache, **grouping) for _ in reps]
+            result[f"mpnet_guide_cached_fp32{suffix}"] = compare(
+                f"mpnet_guide_cached_fp32{suffix}", B, cached32, st_mpnet
+            )
+            cached16 = [
+                ours_step_time(
+                    pairs[: B * n16], MINILM, MPNET, B, n16, w16, precision="bf16-mixed", cache_dir=cache, **grouping
+                )
+                for _ in reps16
+            ]
+        result[f"mpnet_guide_cached_bf16{suffix}"] = compare(
+            f"mpnet_guide_cached_bf16{suffix}",
+            B,
+            cached16,
+            [best_st],
+            st_setting="fp32" if st_bf16 is None or best_st < statistics.median(st_bf16) else "bf16",
+            bf16_over_fp32=statistics.median(cached16) / statistics.median(cached32),
+        )
+
+
+PRECISIONS = ("fp32", "bf16")
 
 
 def flop_bound_key(result: dict, pairs, B: int) -> None:
-    """flop_bound: the cached-guide step at this machine's best precision (the faster of the fp32 and bf16
-    steps) against its FLOPs at that precision's matmul peak."""
+    """flop_bound: the cached-guide step at this machine's best precision (the fastest of the fp32 and bf16
+    steps, bucketed or packed) against its FLOPs at that precision's matmul peak."""
     texts = [t for pair in pairs for t in pair]
     tokens = mean_tokens(MINILM, texts)
     student_fwd = encoder_flops_per_text(MINILM, tokens)
     flops = 2 * B * 3 * student_fwd  # anchors + positives; forward + backward = 3 forwards
     peaks = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16, reps=2)}
-    steps = {"fp32": result["mpnet_guide_cached_fp32"]["ours_step_s"]}
-    steps["bf16"] = result["mpnet_guide_cached_bf16"]["ours_step_s"]
+    cached = {k: v["ours_step_s"] for k, v in result.items() if k.startswith("mpnet_guide_cached_")}
+    fastest = {
+        p: min((k for k in cached if k.startswith(f"mpnet_guide_cached_{p}")), key=cached.get) for p in PRECISIONS
+    }
+    steps = {p: cached[key] for p, key in fastest.items()}
     precision = min(steps, key=steps.get)
     peak, step = peaks[precision], steps[precision]
     bound = flops / (peak * 1e9)
     result["flop_bound"] = {
         "precision": precision,
-        "config": f"mpnet_guide_cached_{precision} (student only: the guide is cached; the faster precision)",
+        "config": f"{fastest[precision]} (student only: the guide is cached; the fastest setting)",
         "mean_tokens": tokens,
         "flops_per_step": flops,
         "matmul_peak_gflops": peak,
@@ -312,6 +323,7 @@ def flop_bound_key(result: dict, pairs, B: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()  # as training does (gist.train.run): ours and sentence-transformers alike
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

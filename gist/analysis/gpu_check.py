@@ -34,6 +34,7 @@ import torch
 
 from gist.analysis.bench import MINILM, MPNET, OFFLINE_DEFAULTS, ROOT, bench_pairs, ours_step_time
 from gist.analysis.bench_machine import cpu_info, encoder_flops_per_text, matmul_peak_gflops, mean_tokens
+from gist.infra.allocator import keep_freed_memory
 
 # Dense (no structured sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s, by the words of
 # torch.cuda.get_device_name(); the first match wins (so "H100 PCIe" before "H100").
@@ -49,7 +50,7 @@ DENSE_BF16_TFLOPS = (
 )
 SKIP_MESSAGE = (
     "no CUDA device (torch.cuda.is_available() is False): skipping the GPU step benchmarks (bf16, SDPA / eager / "
-    "FlashAttention, token-budget buckets, MFU) and the 300-step quickstart; run scripts/gpu_check.sh on a CUDA "
+    "FlashAttention, token-budget buckets, padding-free packing, MFU) and the 300-step quickstart; run scripts/gpu_check.sh on a CUDA "
     "machine (pass --device cpu to run the same code on this CPU)"
 )
 
@@ -87,17 +88,15 @@ def machine(device: str) -> dict:
 
 
 def step_configs(batch: int, big_batch: int, device: str) -> list[dict]:
-    """The step settings to time: (batch, precision, attention, buckets)."""
+    """The step settings to time: (batch, precision, attention, buckets or padding-free packing)."""
     attns = ["sdpa", "eager"] + (
         ["flash_attention_2"] if device == "cuda" and importlib.util.find_spec("flash_attn") else []
     )
-    configs = [dict(batch=batch, precision="32-true", attn="sdpa", bucket_size=8, bucket_tokens=None)]
+    bf16 = dict(precision="bf16-mixed", attn="sdpa", bucket_size=None, bucket_tokens=None, packing=False)
+    configs = [dict(bf16, batch=batch, precision="32-true", bucket_size=8)]
     for b in dict.fromkeys([batch, big_batch]):
-        configs += [dict(batch=b, precision="bf16-mixed", attn=a, bucket_size=8, bucket_tokens=None) for a in attns]
-        configs += [
-            dict(batch=b, precision="bf16-mixed", attn="sdpa", bucket_size=None, bucket_tokens=None),
-            dict(batch=b, precision="bf16-mixed", attn="sdpa", bucket_size=None, bucket_tokens=4096),
-        ]
+        configs += [dict(bf16, batch=b, attn=a, bucket_size=8) for a in attns]
+        configs += [dict(bf16, batch=b), dict(bf16, batch=b, bucket_tokens=4096), dict(bf16, batch=b, packing=True)]
     return configs
 
 
@@ -121,6 +120,7 @@ def time_steps(args, device: str, peak_tflops: float | None) -> list[dict]:
                 bucket_size=config["bucket_size"],
                 bucket_tokens=config["bucket_tokens"],
                 attn_implementation=config["attn"],
+                packing=config["packing"],
             )
             flops = flops_per_pair * b
             row = {**config, "step_s": step, "samples_per_s": b / step, "model_tflops_per_s": flops / step / 1e12}
@@ -129,7 +129,7 @@ def time_steps(args, device: str, peak_tflops: float | None) -> list[dict]:
             mfu = f", MFU {row['mfu']:.1%}" if row["mfu"] is not None else ""
             print(
                 f"step batch {b} {config['precision']} attn={config['attn']} bucket_size={config['bucket_size']} "
-                f"bucket_tokens={config['bucket_tokens']}: {step * 1e3:.1f} ms, {b / step:.0f} pairs/s{mfu}",
+                f"bucket_tokens={config['bucket_tokens']} packing={config['packing']}: {step * 1e3:.1f} ms, {b / step:.0f} pairs/s{mfu}",
                 flush=True,
             )
     return rows
@@ -168,6 +168,7 @@ def quickstart(steps: int, precision: str, overrides: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()  # as training does (gist.train.run): ours and sentence-transformers alike
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

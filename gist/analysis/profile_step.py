@@ -21,6 +21,7 @@ import torch
 
 from gist.analysis.bench import MINILM, MPNET, OFFLINE_DEFAULTS, bench_pairs, ours_step_time
 from gist.analysis.bench_machine import cpu_info
+from gist.infra.allocator import keep_freed_memory
 
 SYNC_OP = "aten::_local_scalar_dense"
 
@@ -35,6 +36,7 @@ def profile_rows(
     bucket_size: int | None = 8,
     bucket_tokens: int | None = None,
     attn_implementation: str | None = None,
+    packing: bool = False,
 ) -> dict:
     """Profile steps warmup..steps-1 of a fit; per op: self time per step (CPU, and CUDA when present), share
     of the total, calls per step. Also the median step time of the same steps (profiler overhead included)."""
@@ -70,6 +72,7 @@ def profile_rows(
             bucket_size=bucket_size,
             bucket_tokens=bucket_tokens,
             attn_implementation=attn_implementation,
+            packing=packing,
             callbacks=[Profile()],
         )
     n = steps - warmup
@@ -91,7 +94,9 @@ def profile_rows(
     syncs = host_syncs(holder["prof"].events())
     return {
         "machine": {**cpu_info(), "threads": torch.get_num_threads(), "torch": torch.__version__},
-        "setting": dict(batch=batch, precision=precision, bucket_size=bucket_size, bucket_tokens=bucket_tokens),
+        "setting": dict(
+            batch=batch, precision=precision, bucket_size=bucket_size, bucket_tokens=bucket_tokens, packing=packing
+        ),
         "profiled_steps": n,
         "step_s": step_s,
         "host_syncs_per_step": sum(syncs.values()) / n,
@@ -128,6 +133,7 @@ def table(result: dict, limit: int = 20) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()  # as training does (gist.train.run): ours and sentence-transformers alike
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bucket-size", type=int, default=8, help="0: none")
     parser.add_argument("--bucket-tokens", type=int, default=0, help="0: none")
     parser.add_argument("--attn", default=None, help="attn_implementation (default: transformers')")
+    parser.add_argument("--packing", action="store_true", help="the student packs each step padding-free")
     parser.add_argument("--rows", type=int, default=20)
     parser.add_argument("--out", default=None, help="also write the result as JSON")
     args = parser.parse_args(argv)
@@ -153,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         args.bucket_size or None,
         args.bucket_tokens or None,
         args.attn,
+        args.packing,
     )
     m = result["machine"]
     print(f"{m['cpu']} ({', '.join(m['cpu_flags'])}), {m['threads']} threads, torch {m['torch']}; {result['setting']}")

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gist.core.packing import pack_blocks
+
 
 def padding_side(attention_mask: Tensor) -> str | None:
     """ "right" when every row is ones then zeros, "left" when zeros then ones (a batch without padding
@@ -77,7 +79,11 @@ def encode_blocks(
     tokenizer's): the same embeddings (padded keys get zero attention weight; they differ only by float
     summation order, and under left padding by the rotary positions' common shift) and gradients, for
     fewer padded tokens. Blocks padded on different sides fall back to one forward each.
+    An encoder built with packing=True embeds all texts in one padding-free forward instead (buckets unused).
     """
+    if getattr(encoder, "packing", False):  # one padding-free forward for the whole step
+        out = encoder(pack_blocks(blocks))
+        return dict(zip(blocks, out.split([f["attention_mask"].size(0) for f in blocks.values()])))
     if not bucket_size and not bucket_tokens:
         return {block: encoder(features) for block, features in blocks.items()}
     # The host reads the masks once (one transfer per block on a GPU): sides, lengths and bucket widths are

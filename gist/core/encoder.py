@@ -35,6 +35,7 @@ from transformers import AutoConfig
 
 from gist.core.bucketing import is_right_padded
 from gist.core.inputs import TextInputs
+from gist.core.packing import enable_packing
 from gist.core.pooling import POOLING_MODES, check_pooling, pool  # noqa: F401 (POOLING_MODES: re-exported)
 from gist.infra.progress import progress as bar
 from gist.infra.progress import quiet_library_bars
@@ -96,6 +97,12 @@ class Encoder(nn.Module):
             full fine-tuning.
         trust_remote_code: run code shipped with the model; off unless the config sets it.
         gradient_checkpointing: trade compute for activation memory in the transformer.
+        attn_implementation: transformers' attention kernel ("sdpa", "eager", "flash_attention_2"); None = its
+            default. A runtime choice, like the two below (not in settings()).
+        packing: embed a training step's texts padding-free, in one packed row with attention kept within
+            each text (gist.core.packing; encode_blocks then ignores buckets). Padded batches (evaluation,
+            mining) run as before. Needs a model whose attention uses transformers' AttentionInterface.
+        compile: torch.compile the transformer in place (dynamic shapes).
     """
 
     def __init__(
@@ -112,6 +119,7 @@ class Encoder(nn.Module):
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
         attn_implementation: str | None = None,
+        packing: bool = False,
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -183,13 +191,18 @@ class Encoder(nn.Module):
             # "sdpa" (transformers' default where the model supports it), "eager", "flash_attention_2" (CUDA,
             # the flash-attn package), ...: a runtime choice, the same weights (not part of settings()).
             self.model.set_attn_implementation(attn_implementation)
+        self._takes_position_ids = "position_ids" in inspect.signature(transformer.model.forward).parameters
+        self.packing = bool(packing)
+        if self.packing:
+            if not self._takes_position_ids:
+                raise ValueError(f"{name}: its model takes no position_ids, so it cannot pack; set model.packing=false")
+            enable_packing(self.model)
         if gradient_checkpointing:
             # Non-reentrant: gradients reach the weights even when no input requires grad (LoRA, frozen embeddings).
             self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if self.lora:
             self.model = add_lora(self.model, self.lora)
             self.head.requires_grad_(False)
-        self._takes_position_ids = "position_ids" in inspect.signature(transformer.model.forward).parameters
         if compile:
             # torch.compile of the transformer, in place (same parameter names, checkpoints and export): one
             # compilation per new shape class with dynamic shapes; pays off over long runs (docs/PERFORMANCE.md).
@@ -219,20 +232,28 @@ class Encoder(nn.Module):
         return self.inputs.tokenize([prompt + t for t in texts], [prompt] * len(texts))
 
     def forward(self, features: dict[str, Tensor]) -> Tensor:
-        """Tokenized batch -> (B, d) unit-norm embeddings."""
+        """Tokenized batch (padded, or packed by gist.core.packing.pack_blocks) -> (B, d) unit-norm embeddings."""
         ids = "inputs_embeds" if "inputs_embeds" in features else "input_ids"  # see encode_blocks
-        inputs = {k: v for k, v in features.items() if k in (ids, "attention_mask", "token_type_ids")}
-        mask = features["attention_mask"]
-        # The padding side when the caller knows it (encode_blocks), else read from the mask.
-        side = features.get("padding_side") or ("right" if is_right_padded(mask) else "left")
-        if self._takes_position_ids and side != "right":
-            # Left padding: each text's positions count from its first token, whatever the padding (the
-            # same positions as right padding; rotary models are shift-invariant anyway, absolute ones
-            # are not), so a text embeds alike in any bucket.
-            inputs["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0)
-        hidden = self.model(**inputs).last_hidden_state
+        layout = features.get("packing")
+        if layout is not None:
+            if not self.packing:
+                raise ValueError(f"{self.name}: packed inputs need an encoder built with packing=True")
+            inputs = {k: v for k, v in features.items() if k in (ids, "token_type_ids")}
+            packed = self.model(**inputs, position_ids=layout.position_ids, gist_packing=layout).last_hidden_state
+            hidden, mask = layout.pad(packed[0]), layout.valid.long()  # per text, right-padded for the pooling
+        else:
+            inputs = {k: v for k, v in features.items() if k in (ids, "attention_mask", "token_type_ids")}
+            mask = features["attention_mask"]
+            # The padding side when the caller knows it (encode_blocks), else read from the mask.
+            side = features.get("padding_side") or ("right" if is_right_padded(mask) else "left")
+            if self._takes_position_ids and side != "right":
+                # Left padding: each text's positions count from its first token, whatever the padding (the
+                # same positions as right padding; rotary models are shift-invariant anyway, absolute ones
+                # are not), so a text embeds alike in any bucket.
+                inputs["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0)
+            hidden = self.model(**inputs).last_hidden_state
         prompt_length = None if self.include_prompt else features.get("prompt_length")
-        out = {"sentence_embedding": pool(hidden, features["attention_mask"], self.pooling, prompt_length)}
+        out = {"sentence_embedding": pool(hidden, mask, self.pooling, prompt_length)}
         for module in self.head:
             out = module(out)
         return out["sentence_embedding"]
@@ -367,6 +388,10 @@ class FrozenGuide(nn.Module):
     @property
     def max_length(self) -> int:
         return self.encoder.max_length
+
+    @property
+    def packing(self) -> bool:
+        return self.encoder.packing
 
     @property
     def tokenizer(self):

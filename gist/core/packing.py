@@ -1,0 +1,187 @@
+"""Padding-free encoding: all texts of a step in one packed row, attention kept within each text.
+
+The linear layers (most of an encoder's FLOPs) then see only real tokens, in one GEMM per layer for the
+whole step; attention runs per text: through FlashAttention's variable-length kernel on CUDA
+(`torch.nn.attention.varlen.varlen_attn`) when it applies, else SDPA over the texts gathered back into a
+padded (texts x longest) layout with a key-padding mask, which gives the same result as the padded forward.
+
+    layout = PackedLayout.of([5, 3, 7], device)          # three texts of 5, 3 and 7 tokens
+    enable_packing(hf_model)                             # once: its attention honours layouts
+    hidden = hf_model(input_ids=ids, position_ids=layout.position_ids, gist_packing=layout).last_hidden_state
+    per_text = layout.pad(hidden[0])                     # (3, 7, d), padding where layout.valid is False
+
+The packed attention is registered in transformers' attention interface (one entry per base kernel, e.g.
+"gist_packed_sdpa"). A forward without a layout (evaluation, mining: padded batches) is passed to the base
+kernel unchanged, with the base kernel's masks. Models whose attention does not go through that interface
+(`_supports_attention_backend`, e.g. MPNet) cannot pack: `enable_packing` says so.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+PREFIX = "gist_packed_"
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """Where each text of a packed row lies. Built on the host from its lengths, moved once to `device`."""
+
+    lengths: tuple[int, ...]  # tokens per text, in packed order
+    position_ids: Tensor  # (1, T): 0..L_i-1 for each text, as if it were alone
+    index: Tensor  # (N * Lmax,): packed position of each slot of the padded (N, Lmax) view (0 for padding)
+    valid: Tensor  # (N, Lmax) bool: real tokens of the padded view (right padding)
+    slots: Tensor  # (T,): slot of the padded view for each packed token
+    cu_seqlens: Tensor  # (N + 1,) int32: start of each text in the packed row, then T
+
+    @classmethod
+    def of(cls, lengths: list[int], device: torch.device | str | None = None) -> PackedLayout:
+        if not lengths or min(lengths) < 1:
+            raise ValueError(f"every packed text needs at least one token, got lengths {lengths}")
+        longest = max(lengths)
+        lens = torch.tensor(lengths)
+        valid = torch.arange(longest)[None, :] < lens[:, None]
+        starts = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
+        index = (starts[:-1, None] + torch.arange(longest)[None, :]).masked_fill(~valid, 0)
+        slots = valid.flatten().nonzero().squeeze(1)
+        position_ids = torch.cat([torch.arange(k) for k in lengths])[None, :]
+        move = functools.partial(torch.Tensor.to, device=device, non_blocking=True)
+        return cls(
+            tuple(lengths),
+            move(position_ids),
+            move(index.flatten()),
+            move(valid),
+            move(slots),
+            move(starts.to(torch.int32)),
+        )
+
+    @property
+    def max_length(self) -> int:
+        return max(self.lengths)
+
+    def pad(self, packed: Tensor, dim: int = 0) -> Tensor:
+        """(..., T, ...) packed along `dim` -> (..., N, Lmax, ...): each text's tokens, right-padded (the
+        padding repeats the row's first token: mask it with `valid`)."""
+        out = packed.index_select(dim, self.index)
+        return out.unflatten(dim, self.valid.shape)
+
+    def unpad(self, padded: Tensor) -> Tensor:
+        """(N, Lmax, ...) -> (T, ...): the real tokens, in packed order (inverse of `pad` along dim 0)."""
+        return padded.flatten(0, 1).index_select(0, self.slots)
+
+
+def packed_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    gist_packing: PackedLayout | None = None,
+    base: str = "sdpa",
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """transformers' attention-function signature: q (1, H, T, dh), k/v (1, Hkv, T, dh) -> (1, T, H, dh).
+    Without a layout, the base kernel does the work (a padded batch, its own mask)."""
+    if gist_packing is None:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        return ALL_ATTENTION_FUNCTIONS[base](
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    if query.size(0) != 1:
+        raise ValueError(f"a packed forward holds one row, got a batch of {query.size(0)}")
+    if kwargs.get("sliding_window") is not None:
+        raise NotImplementedError("packed attention does not support sliding-window layers; set model.packing=false")
+    layout = gist_packing
+    causal = bool(getattr(module, "is_causal", False) if is_causal is None else is_causal)
+    gqa = key.size(1) != query.size(1)
+    if _use_varlen(query, dropout):
+        from torch.nn.attention.varlen import varlen_attn
+
+        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, heads, dh)
+        cu, longest = layout.cu_seqlens, layout.max_length
+        window = (-1, 0) if causal else (-1, -1)
+        out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, window_size=window, enable_gqa=gqa)
+        return out.unsqueeze(0), None
+    # Texts gathered into (N, heads, Lmax, dh), keys past each text's end masked out: the padded forward's
+    # attention, on the packed row's projections.
+    q, k, v = (layout.pad(x[0], dim=1).transpose(0, 1) for x in (query, key, value))
+    mask = layout.valid[:, None, None, :]
+    if causal:
+        n = layout.valid.size(1)
+        mask = mask & torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=gqa)
+    return layout.unpad(out.transpose(1, 2)).unsqueeze(0), None
+
+
+def _use_varlen(query: Tensor, dropout: float) -> bool:
+    """FlashAttention's variable-length kernel: CUDA, half precision, no attention dropout (it has none)."""
+    return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0
+
+
+def packed_mask(*args, base_mask=None, attention_mask: Tensor | None = None, **kwargs):
+    """The mask function registered beside the packed attention: a packed forward (no 2D mask) needs none,
+    its layout says where texts end; a padded batch gets the base kernel's own mask."""
+    if attention_mask is None:
+        return None
+    return base_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+def enable_packing(model: nn.Module) -> str:
+    """Route `model`'s attention through the packed attention (its current kernel handles unpacked batches);
+    returns the registered name. Raises when the model's attention does not use transformers' interface."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    config = model.config
+    base = config._attn_implementation
+    if base.startswith(PREFIX):
+        return base
+    if not getattr(model, "_supports_attention_backend", False):
+        raise ValueError(
+            f"{type(model).__name__} does not route attention through transformers' AttentionInterface, so it "
+            "cannot pack texts: set model.packing=false (length buckets: bucket_size / bucket_tokens)"
+        )
+    if base not in ALL_ATTENTION_FUNCTIONS or base not in ALL_MASK_ATTENTION_FUNCTIONS:
+        raise ValueError(
+            f"packing keeps the model's attention kernel for padded batches, and {base!r} is not one transformers "
+            "registers with its masks: use model.attn_implementation=sdpa (or flash_attention_2 on CUDA)"
+        )
+    name = PREFIX + base
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        ALL_ATTENTION_FUNCTIONS.register(name, functools.partial(packed_attention, base=base))
+        ALL_MASK_ATTENTION_FUNCTIONS.register(
+            name, functools.partial(packed_mask, base_mask=ALL_MASK_ATTENTION_FUNCTIONS[base])
+        )
+    model.set_attn_implementation(name)
+    return name
+
+
+def pack_blocks(blocks: dict[str, dict[str, Tensor]]) -> dict:
+    """Tokenized blocks (any padding side, each its own width) -> one packed row: the real tokens of every
+    text, block after block, with its layout under "packing" (and per-text prompt lengths, when given).
+    The host reads each block's mask once; the gather runs on the blocks' device."""
+    host_masks = [f["attention_mask"].cpu() for f in blocks.values()]
+    first = next(iter(blocks.values()))
+    device = first["attention_mask"].device
+    offsets = itertools.accumulate((m.numel() for m in host_masks[:-1]), initial=0)
+    source = torch.cat([m.flatten().nonzero().squeeze(1) + at for m, at in zip(host_masks, offsets)])
+    source = source.to(device, non_blocking=True)
+    packed = {
+        k: torch.cat([f[k].flatten() for f in blocks.values()]).index_select(0, source)[None]
+        for k in ("input_ids", "token_type_ids")
+        if k in first
+    }
+    if "prompt_length" in first:
+        packed["prompt_length"] = torch.cat([f["prompt_length"] for f in blocks.values()])
+    packed["packing"] = PackedLayout.of(torch.cat([m.sum(1) for m in host_masks]).tolist(), device)
+    return packed
