@@ -72,7 +72,8 @@ class GISTModule(LightningModule):
     bucket_size: embed the texts of all blocks of a step in length-sorted buckets of this many texts,
         each padded only to its own longest text (same embeddings and gradients, fewer padded tokens;
         see gist.core.bucketing.encode_blocks). None: one forward per block. Applies to the student and the
-        live guide; GradCache (loss mini_batch_size) keeps its own mini-batches.
+        live guide unless they pack (Encoder packing=True: one padding-free forward per step); GradCache
+        (loss mini_batch_size) keeps its own mini-batches.
     bucket_tokens: also cap each bucket at this many padded tokens (texts x longest text): many short
         texts or few long ones per forward. With bucket_size None, buckets are sized by tokens alone.
     """

@@ -136,14 +136,27 @@ def packed_mask(*args, base_mask=None, attention_mask: Tensor | None = None, **k
     return base_mask(*args, attention_mask=attention_mask, **kwargs)
 
 
-def enable_packing(model: nn.Module) -> str:
-    """Route `model`'s attention through the packed attention (its current kernel handles unpacked batches);
-    returns the registered name. Raises when the model's attention does not use transformers' interface."""
+def _register_packed_kernels() -> None:
+    """Register "gist_packed_<base>" beside every base kernel transformers registers with its masks. Done at
+    import, so any process that unpickles a packing model (DDP's spawned workers) knows the name."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    config = model.config
-    base = config._attn_implementation
+    for base in list(ALL_ATTENTION_FUNCTIONS.valid_keys()):
+        if base.startswith(PREFIX) or base not in ALL_MASK_ATTENTION_FUNCTIONS:
+            continue
+        ALL_ATTENTION_FUNCTIONS.register(PREFIX + base, functools.partial(packed_attention, base=base))
+        mask = functools.partial(packed_mask, base_mask=ALL_MASK_ATTENTION_FUNCTIONS[base])
+        ALL_MASK_ATTENTION_FUNCTIONS.register(PREFIX + base, mask)
+
+
+_register_packed_kernels()
+
+
+def enable_packing(model: nn.Module) -> str:
+    """Route `model`'s attention through the packed attention (its current kernel handles unpacked batches);
+    returns the kernel's name. Raises when the model's attention does not use transformers' interface."""
+    base = model.config._attn_implementation
     if base.startswith(PREFIX):
         return base
     if not getattr(model, "_supports_attention_backend", False):
@@ -151,19 +164,15 @@ def enable_packing(model: nn.Module) -> str:
             f"{type(model).__name__} does not route attention through transformers' AttentionInterface, so it "
             "cannot pack texts: set model.packing=false (length buckets: bucket_size / bucket_tokens)"
         )
-    if base not in ALL_ATTENTION_FUNCTIONS or base not in ALL_MASK_ATTENTION_FUNCTIONS:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if PREFIX + base not in ALL_ATTENTION_FUNCTIONS:
         raise ValueError(
             f"packing keeps the model's attention kernel for padded batches, and {base!r} is not one transformers "
             "registers with its masks: use model.attn_implementation=sdpa (or flash_attention_2 on CUDA)"
         )
-    name = PREFIX + base
-    if name not in ALL_ATTENTION_FUNCTIONS:
-        ALL_ATTENTION_FUNCTIONS.register(name, functools.partial(packed_attention, base=base))
-        ALL_MASK_ATTENTION_FUNCTIONS.register(
-            name, functools.partial(packed_mask, base_mask=ALL_MASK_ATTENTION_FUNCTIONS[base])
-        )
-    model.set_attn_implementation(name)
-    return name
+    model.set_attn_implementation(PREFIX + base)
+    return PREFIX + base
 
 
 def pack_blocks(blocks: dict[str, dict[str, Tensor]]) -> dict:
