@@ -62,7 +62,7 @@ def levers_key(
     out: dict = {}
     with tempfile.TemporaryDirectory() as cache:
         for name, options in settings.items():
-            kwargs = {"bucket_size": 8, **options}
+            kwargs = {"bucket_size": 8, "packing": False, **options}
             runs, first = [], []
             for _ in range(repeats):
                 probe = _step_times(name in COMPILED)

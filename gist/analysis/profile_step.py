@@ -36,7 +36,7 @@ def profile_rows(
     bucket_size: int | None = 8,
     bucket_tokens: int | None = None,
     attn_implementation: str | None = None,
-    packing: bool = False,
+    packing: bool = True,
 ) -> dict:
     """Profile steps warmup..steps-1 of a fit; per op: self time per step (CPU, and CUDA when present), share
     of the total, calls per step. Also the median step time of the same steps (profiler overhead included)."""
@@ -146,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bucket-size", type=int, default=8, help="0: none")
     parser.add_argument("--bucket-tokens", type=int, default=0, help="0: none")
     parser.add_argument("--attn", default=None, help="attn_implementation (default: transformers')")
-    parser.add_argument("--packing", action="store_true", help="the student packs each step padding-free")
+    parser.add_argument(
+        "--buckets", action="store_true", help="length buckets instead of packing (model.packing=false)"
+    )
     parser.add_argument("--rows", type=int, default=20)
     parser.add_argument("--out", default=None, help="also write the result as JSON")
     args = parser.parse_args(argv)
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         args.bucket_size or None,
         args.bucket_tokens or None,
         args.attn,
-        args.packing,
+        not args.buckets,
     )
     m = result["machine"]
     print(f"{m['cpu']} ({', '.join(m['cpu_flags'])}), {m['threads']} threads, torch {m['torch']}; {result['setting']}")
