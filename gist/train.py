@@ -74,7 +74,8 @@ def train(cfg: DictConfig) -> float | None:
 
 
 def run(cfg: DictConfig, wandb_identity: dict | None = None) -> float | None:
-    keep_freed_memory()  # no page faults on each step's large buffers (gist/infra/allocator.py)
+    if cfg.keep_freed_memory:
+        keep_freed_memory()  # no page faults on each step's large buffers (gist/infra/allocator.py)
     seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

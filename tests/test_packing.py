@@ -13,7 +13,7 @@ import torch
 from gist.core import packing
 from gist.core.bucketing import encode_blocks
 from gist.core.encoder import Encoder
-from gist.core.packing import PackedLayout, pack_blocks
+from gist.core.packing import PackedLayout, pack_blocks, row_bounds
 from tests.helpers import DeviceTensor
 
 pytestmark = pytest.mark.unit
@@ -28,27 +28,45 @@ TEXTS = {
 def test_layout_of_three_texts_by_hand():
     layout = PackedLayout.of([2, 3, 1])
     assert layout.position_ids.tolist() == [[0, 1, 0, 1, 2, 0]]
-    assert layout.valid.tolist() == [[True, True, False], [True, True, True], [True, False, False]]
-    assert layout.index.tolist() == [0, 1, 0, 2, 3, 4, 5, 0, 0]  # padding slots point at token 0
-    assert layout.slots.tolist() == [0, 1, 3, 4, 5, 6]
+    view = layout.view  # all texts in packed order (pooling)
+    assert view.valid.tolist() == [[True, True, False], [True, True, True], [True, False, False]]
+    assert view.index.tolist() == [0, 1, 0, 2, 3, 4, 5, 0, 0]  # padding slots point at token 0
+    assert view.slots.tolist() == [0, 1, 3, 4, 5, 6]
     assert layout.cu_seqlens.tolist() == [0, 2, 5, 6] and layout.cu_seqlens.dtype == torch.int32
     assert layout.max_length == 3
+    assert layout.groups == (view,) and layout.restore is None  # no buckets: one attention group
     x = torch.arange(6.0)[:, None] * torch.ones(1, 2)
-    padded = layout.pad(x)
+    padded = view.pad(x)
     assert padded.shape == (3, 3, 2) and padded[1, :, 0].tolist() == [2.0, 3.0, 4.0]
-    torch.testing.assert_close(layout.unpad(padded), x, rtol=0, atol=0)  # a pure gather: bit-exact
+    torch.testing.assert_close(view.unpad(padded), x, rtol=0, atol=0)  # a pure gather: bit-exact
     with pytest.raises(ValueError, match="at least one token"):
         PackedLayout.of([2, 0])
+
+
+def test_attention_groups_by_hand():
+    """Buckets of 2 texts over lengths [2, 3, 1]: sorted longest first (texts 1, 0 | 2), each group padded
+    to its own longest text; `restore` maps the groups' tokens back to packed order."""
+    layout = PackedLayout.of([2, 3, 1], bucket_size=2)
+    first, second = layout.groups
+    assert first.index.tolist() == [2, 3, 4, 0, 1, 0] and first.valid.tolist() == [[True] * 3, [True, True, False]]
+    assert second.index.tolist() == [5] and second.valid.tolist() == [[True]]
+    assert layout.restore.tolist() == [3, 4, 0, 1, 2, 5]  # grouped tokens are packed 2, 3, 4, 0, 1, 5
+    x = torch.arange(6.0)[:, None]
+    grouped = torch.cat([g.unpad(g.pad(x)) for g in layout.groups])
+    torch.testing.assert_close(grouped.index_select(0, layout.restore), x, rtol=0, atol=0)
+    assert len(PackedLayout.of([2, 3, 1], bucket_tokens=4).groups) == 2  # 4 // 3 = 1 text, then 4 // 2 = 2
 
 
 def _blocks(enc: Encoder, prompt: str = "") -> dict:
     return {k: dict(enc.tokenize(v, prompt if k == "anchor" else "")) for k, v in TEXTS.items()}
 
 
-def _run(enc: Encoder, blocks: dict, autocast: bool = False):
+def _run(enc: Encoder, blocks: dict, autocast: bool = False, bucket_size: int | None = None):
     enc.zero_grad()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        out = encode_blocks(enc, blocks)  # no buckets: per block for a plain encoder, packed for a packing one
+        # A plain encoder without buckets: one padded forward per block; a packing one: one packed forward,
+        # its attention in groups of `bucket_size` texts.
+        out = encode_blocks(enc, blocks, bucket_size)
     weights = torch.linspace(-1, 1, 12).reshape(3, 4, 1)
     (sum((out[k].float() * w).sum() for k, w in zip(TEXTS, weights))).backward()
     return out, {n: p.grad.clone() for n, p in enc.named_parameters() if p.grad is not None}
@@ -63,17 +81,20 @@ CASES = [
 ]
 
 
+# Attention over all texts of a row at once, or in length groups of 3; one row, or rows of <= 16 tokens.
+@pytest.mark.parametrize(("groups", "row_tokens"), [(None, None), (3, None), (3, 16)])
 @pytest.mark.parametrize(("model", "kwargs", "prompt"), CASES)
-def test_packed_step_equals_per_block_padded_encoding(request, model, kwargs, prompt):
+def test_packed_step_equals_per_block_padded_encoding(request, model, kwargs, prompt, groups, row_tokens):
     path = str(request.getfixturevalue(model))
-    plain, packed = Encoder(path, **kwargs).eval(), Encoder(path, packing=True, **kwargs).eval()  # dropout off
+    plain = Encoder(path, **kwargs).eval()  # dropout off
+    packed = Encoder(path, packing=True, packed_row_tokens=row_tokens, **kwargs).eval()
     assert packed.packing and packed.model.config._attn_implementation == "gist_packed_sdpa"
     blocks = _blocks(plain, prompt)
     assert len({f["input_ids"].size(1) for f in blocks.values()}) > 1  # blocks padded to different widths
     if not kwargs.get("include_prompt", True):
         assert blocks["anchor"]["prompt_length"].min() > 0
     ref, ref_grads = _run(plain, blocks)
-    got, got_grads = _run(packed, blocks)
+    got, got_grads = _run(packed, blocks, bucket_size=groups)
     # Same function on the same tokens; only fp32 summation order differs (other GEMM shapes; padded keys get
     # exactly zero attention in both). Unit embeddings: rtol 1e-5 + atol 1e-6, as for length buckets
     # (tests/test_encoder.py); gradients: 1e-4 x the largest gradient + 5e-6 (the noise scales with the O(1)
@@ -120,15 +141,25 @@ def test_packing_reads_no_device_values_from_the_host(tiny_student):
     assert DeviceTensor.reads == []
 
 
+def test_rows_hold_at_most_their_token_budget():
+    assert row_bounds([5, 3, 7, 1, 2], None) == [(0, 5)]
+    assert row_bounds([5, 3, 7, 1, 2], 8) == [(0, 2), (2, 2), (4, 1)]  # 5+3 | 7+1 | 2
+    assert row_bounds([5, 3, 7, 1, 2], 6) == [(0, 1), (1, 1), (2, 1), (3, 2)]  # a 7-token text: a row of its own
+    assert row_bounds([4], 1) == [(0, 1)]
+
+
 def test_pack_blocks_keeps_every_real_token_in_order(tiny_qwen3):
     enc = Encoder(str(tiny_qwen3))  # left padding, pad id != 0
     blocks = _blocks(enc)
-    packed = pack_blocks(blocks)
+    [packed] = pack_blocks(blocks)  # 12 short texts: one row
     layout = packed["packing"]
     expected = [ids[m.bool()].tolist() for f in blocks.values() for ids, m in zip(f["input_ids"], f["attention_mask"])]
     assert list(layout.lengths) == [len(e) for e in expected]
     assert packed["input_ids"][0].tolist() == [t for e in expected for t in e]
     assert enc.tokenizer.pad_token_id not in packed["input_ids"][0].tolist()
+    rows = pack_blocks(blocks, row_tokens=20)  # the same tokens, split into rows of <= 20 tokens
+    assert len(rows) > 1 and all(sum(r["packing"].lengths) <= 20 for r in rows)
+    assert [t for r in rows for t in r["input_ids"][0].tolist()] == packed["input_ids"][0].tolist()
 
 
 @pytest.mark.parametrize("model", ["tiny_student", "tiny_qwen3"])  # bidirectional; causal with GQA
@@ -174,7 +205,7 @@ def test_models_that_cannot_pack_say_so(tiny_mpnet, tiny_student):
         Encoder(str(tiny_student), packing=True, attn_implementation="eager")
     plain = Encoder(str(tiny_student))
     with pytest.raises(ValueError, match="packing=True"):
-        plain(pack_blocks(_blocks(plain)))
+        plain(pack_blocks(_blocks(plain))[0])
 
 
 def test_the_export_of_a_packing_encoder_loads_anywhere(tmp_path, tiny_student):

@@ -79,10 +79,12 @@ def encode_blocks(
     tokenizer's): the same embeddings (padded keys get zero attention weight; they differ only by float
     summation order, and under left padding by the rotary positions' common shift) and gradients, for
     fewer padded tokens. Blocks padded on different sides fall back to one forward each.
-    An encoder built with packing=True embeds all texts in one padding-free forward instead (buckets unused).
+    An encoder built with packing=True embeds the texts in padding-free packed rows instead (one forward
+    per row of <= its packed_row_tokens); the buckets then group its attention only (gist.core.packing).
     """
-    if getattr(encoder, "packing", False):  # one padding-free forward for the whole step
-        out = encoder(pack_blocks(blocks))
+    if getattr(encoder, "packing", False):  # padding-free rows; buckets group the attention only
+        rows = pack_blocks(blocks, bucket_size, bucket_tokens, encoder.packed_row_tokens)
+        out = torch.cat([encoder(row) for row in rows])
         return dict(zip(blocks, out.split([f["attention_mask"].size(0) for f in blocks.values()])))
     if not bucket_size and not bucket_tokens:
         return {block: encoder(features) for block, features in blocks.items()}

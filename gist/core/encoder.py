@@ -35,7 +35,7 @@ from transformers import AutoConfig
 
 from gist.core.bucketing import is_right_padded
 from gist.core.inputs import TextInputs
-from gist.core.packing import enable_packing
+from gist.core.packing import ROW_TOKENS, enable_packing
 from gist.core.pooling import POOLING_MODES, check_pooling, pool  # noqa: F401 (POOLING_MODES: re-exported)
 from gist.infra.progress import progress as bar
 from gist.infra.progress import quiet_library_bars
@@ -99,9 +99,11 @@ class Encoder(nn.Module):
         gradient_checkpointing: trade compute for activation memory in the transformer.
         attn_implementation: transformers' attention kernel ("sdpa", "eager", "flash_attention_2"); None = its
             default. A runtime choice, like the two below (not in settings()).
-        packing: embed a training step's texts padding-free, in one packed row with attention kept within
-            each text (gist.core.packing; encode_blocks then ignores buckets). Padded batches (evaluation,
-            mining) run as before. Needs a model whose attention uses transformers' AttentionInterface.
+        packing: embed a training step's texts padding-free, in packed rows with attention kept within
+            each text (gist.core.packing; encode_blocks's buckets then group the attention only). Padded
+            batches (evaluation, mining) run as before. Needs a model whose attention uses transformers'
+            AttentionInterface.
+        packed_row_tokens: tokens per packed row (one forward each); None = the whole step in one row.
         compile: torch.compile the transformer in place (dynamic shapes).
     """
 
@@ -120,6 +122,7 @@ class Encoder(nn.Module):
         gradient_checkpointing: bool = False,
         attn_implementation: str | None = None,
         packing: bool = False,
+        packed_row_tokens: int | None = ROW_TOKENS,
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -193,6 +196,9 @@ class Encoder(nn.Module):
             self.model.set_attn_implementation(attn_implementation)
         self._takes_position_ids = "position_ids" in inspect.signature(transformer.model.forward).parameters
         self.packing = bool(packing)
+        if packed_row_tokens is not None and packed_row_tokens < 1:
+            raise ValueError(f"packed_row_tokens must be >= 1 or null, got {packed_row_tokens}")
+        self.packed_row_tokens = packed_row_tokens
         if self.packing:
             if not self._takes_position_ids:
                 raise ValueError(f"{name}: its model takes no position_ids, so it cannot pack; set model.packing=false")
@@ -240,7 +246,10 @@ class Encoder(nn.Module):
                 raise ValueError(f"{self.name}: packed inputs need an encoder built with packing=True")
             inputs = {k: v for k, v in features.items() if k in (ids, "token_type_ids")}
             packed = self.model(**inputs, position_ids=layout.position_ids, gist_packing=layout).last_hidden_state
-            hidden, mask = layout.pad(packed[0]), layout.valid.long()  # per text, right-padded for the pooling
+            hidden, mask = (
+                layout.view.pad(packed[0]),
+                layout.view.valid.long(),
+            )  # per text, right-padded for the pooling
         else:
             inputs = {k: v for k, v in features.items() if k in (ids, "attention_mask", "token_type_ids")}
             mask = features["attention_mask"]
@@ -392,6 +401,10 @@ class FrozenGuide(nn.Module):
     @property
     def packing(self) -> bool:
         return self.encoder.packing
+
+    @property
+    def packed_row_tokens(self) -> int | None:
+        return self.encoder.packed_row_tokens
 
     @property
     def tokenizer(self):
