@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The first-GPU check (docs/PERFORMANCE.md#gpu): our training step on the card (fp32 / bf16, SDPA / eager /
-# FlashAttention, length buckets / token budget, samples/s, MFU against the card's dense bf16 peak) and a
-# 300-step quickstart in bf16, written to one JSON. < 8 minutes on an H100/H200-class card.
+# FlashAttention, length buckets / token budget / padding-free packing, samples/s, MFU against the card's
+# dense bf16 peak) and a 300-step quickstart in bf16, written to one JSON. < 8 minutes on an H100/H200.
 #   scripts/gpu_check.sh [OUT.json] [options of python -m gist.analysis.gpu_check]
 # Without CUDA it says what it skips and writes the machine's description only (--device cpu runs it all
 # on the CPU). Uses .venv if present (make setup), else python3 with the project installed.

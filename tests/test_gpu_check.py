@@ -50,7 +50,8 @@ def test_gpu_check_runs_its_gpu_path_on_cpu(tmp_path, tiny_student, tiny_guide, 
         None,
         True,
     ) in settings
-    assert len(settings) == len(rows) == 11
+    assert (4, "bf16-mixed", "sdpa", 8, None, True) in settings  # packed, attention in groups of 8
+    assert len(settings) == len(rows) == 13
     for r in rows:
         assert r["step_s"] > 0 and r["samples_per_s"] == r["batch"] / r["step_s"]
         assert r["mfu"] == r["model_tflops_per_s"] / result["mfu_peak_tflops"] and 0 < r["mfu"] < 1

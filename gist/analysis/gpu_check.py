@@ -9,7 +9,8 @@ all in one JSON. Sized for < 8 minutes on an H100/H200-class card (docs/PERFORMA
 2. `steps`: the cached-guide GIST step (MiniLM student, mpnet guide embeddings from the cache, the bench's
    pairs) at the recipe's batch (16) and at a GPU-sized batch, in fp32 and bf16-mixed, with SDPA or eager
    attention (flash_attention_2 when the flash-attn package is installed), buckets of 8 texts, a token
-   budget, or none: step time, samples/s and MFU = model FLOPs per step / step time / dense bf16 peak
+   budget, none, or padding-free packing (model.packing; its attention in one group or in groups of 8;
+   FlashAttention's varlen kernel when there is no attention dropout): step time, samples/s and MFU = model FLOPs per step / step time / dense bf16 peak
    (the FLOPs as `make bench`'s flop_bound counts them: unpadded tokens, forward + backward).
 3. `quickstart`: `scripts/train.py experiment=quickstart` for 300 steps in bf16-mixed (mining, guide cache,
    training, export, the six-task comparison): wall time, final validation, the comparison rows.
@@ -96,7 +97,8 @@ def step_configs(batch: int, big_batch: int, device: str) -> list[dict]:
     configs = [dict(bf16, batch=batch, precision="32-true", bucket_size=8)]
     for b in dict.fromkeys([batch, big_batch]):
         configs += [dict(bf16, batch=b, attn=a, bucket_size=8) for a in attns]
-        configs += [dict(bf16, batch=b), dict(bf16, batch=b, bucket_tokens=4096), dict(bf16, batch=b, packing=True)]
+        configs += [dict(bf16, batch=b), dict(bf16, batch=b, bucket_tokens=4096)]
+        configs += [dict(bf16, batch=b, packing=True), dict(bf16, batch=b, packing=True, bucket_size=8)]
     return configs
 
 
