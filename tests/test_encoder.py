@@ -8,7 +8,7 @@ import torch
 from gist.core.bucketing import bucket_bounds, encode_blocks
 from gist.core.encoder import Encoder, FrozenGuide, ModelUnavailableError
 from gist.infra.offline_models import MINILM, installed
-from tests.helpers import DeviceTensor
+from tests.helpers import DeviceTensor, assert_same_embeddings_and_gradients
 
 pytestmark = pytest.mark.unit
 
@@ -99,19 +99,7 @@ def test_encode_blocks_bucketed_equals_per_block(request, model, bucket_size, bu
 
     ref, ref_grads = run(None, None)
     got, got_grads = run(bucket_size, bucket_tokens)
-    # Same function, other padding widths and batch compositions: only fp32 summation order differs (padded
-    # keys get exactly zero attention). Embeddings are unit vectors: rtol 1e-5 + atol 1e-6 (measured <= 3e-8
-    # under ATEN_CPU_CAPABILITY default / avx2 / avx512).
-    for k in texts:
-        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6)
-    assert ref_grads.keys() == got_grads.keys() and ref_grads
-    # Gradients: fp32 rounding noise scales with the terms summed in backprop, not with each parameter's own
-    # gradient. Those terms are O(1) here (unit embeddings, |weights| <= 1), so the noise is ~1e-6 absolute
-    # (measured <= 9.5e-7 under default / avx2 / avx512) and the embedding tables' gradients (~3e-7) are pure
-    # noise. atol = 1e-4 x the model's largest gradient + 5e-6, rtol 1e-4.
-    scale = max(g.abs().max().item() for g in ref_grads.values())
-    for n in ref_grads:
-        torch.testing.assert_close(got_grads[n], ref_grads[n], rtol=1e-4, atol=1e-4 * scale + 5e-6, msg=n)
+    assert_same_embeddings_and_gradients(ref, got, ref_grads, got_grads)  # tolerances stated there
 
 
 def test_bucket_bounds_cap_texts_and_padded_tokens():
