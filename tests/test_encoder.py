@@ -171,3 +171,10 @@ def test_compiled_encoder_equals_eager_and_keeps_its_parameter_names(tiny_studen
     compiled.train()
     compiled(feats).sum().backward()
     assert all(p.grad is not None for n, p in compiled.named_parameters() if p.requires_grad and "pooler" not in n)
+    # Compiled and packed (the packed attention and its gathers traced too), steps of two shapes.
+    packed = Encoder(str(tiny_student), packing=True, compile=True).eval()
+    for texts in (["the cat sat on the mat", "x"], ["a b c", "one two three four five six", "q"]):
+        blocks = {"anchor": plain.tokenize(texts), "positive": plain.tokenize(texts[::-1])}
+        got, ref = encode_blocks(packed, blocks, 8), encode_blocks(plain, blocks)
+        for k in blocks:
+            torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-5)

@@ -1,7 +1,8 @@
-"""Padding-free encoding: all texts of a step in one packed row, attention kept within each text.
+"""Padding-free encoding: the texts of a step in packed rows of real tokens (`pack_blocks`; at most
+ROW_TOKENS a row), attention kept within each text.
 
-The linear layers (most of an encoder's FLOPs) then see only real tokens, in one GEMM per layer for the
-whole step; attention runs per text: through FlashAttention's variable-length kernel on CUDA
+The linear layers (most of an encoder's FLOPs) then see only real tokens, in one GEMM per layer and row;
+attention runs per text: through FlashAttention's variable-length kernel on CUDA
 (`torch.nn.attention.varlen.varlen_attn`) when it applies, else SDPA over the texts gathered back into a
 padded layout (texts x longest, in length-sorted groups as length buckets make them) with a key-padding
 mask, which gives the same result as the padded forward.
